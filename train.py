@@ -183,7 +183,8 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     run_path = os.path.join(args.out_dir, "run.pt")
     ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is None and os.path.exists(run_path):
+    resuming_here = ckpt is not None and os.path.realpath(args.resume) == os.path.realpath(run_path)
+    if os.path.exists(run_path) and not resuming_here:
         fail(f"{run_path} exists; continue it with --resume {run_path}, or pick another --out-dir")
     if ckpt is not None:
         for key in MODEL_KEYS:
@@ -200,6 +201,8 @@ def main(argv=None):
     dataset = data.build_dataset(args.dataset, "pretrain", views, args.data_dir, args.download)
     if args.train_subset:
         n_classes = len(data.targets(dataset).unique())
+        if args.train_subset % n_classes:
+            fail(f"--train-subset {args.train_subset} is not a multiple of the {n_classes} classes")
         keep = data.balanced_subset(data.targets(dataset), args.train_subset // n_classes, seed=0)
         dataset = torch.utils.data.Subset(dataset, keep.tolist())
     local_batch = args.batch_size // world
@@ -256,7 +259,7 @@ def main(argv=None):
         for it, ((view_a, view_b), _) in enumerate(loader):
             step = epoch * steps_per_epoch + it
             for group in optimizer.param_groups:
-                group["lr"] = lrs[step]
+                group["lr"] = float(lrs[step])
             x = torch.cat([view_a, view_b]).to(device, non_blocking=True, memory_format=torch.channels_last)
             with autocast:
                 logits = net(x)  # (2 * local batch, K)
