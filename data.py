@@ -119,7 +119,7 @@ def balanced_subset(labels, per_class, seed=0):
     """Sorted indices of `per_class` samples of every class, chosen with a fixed seed."""
     g = torch.Generator().manual_seed(seed)
     picked = []
-    for c in labels.unique().tolist():
+    for c in labels[labels >= 0].unique().tolist():  # -1: unlabeled (STL-10)
         idx = (labels == c).nonzero().flatten()
         if len(idx) < per_class:
             _fail(f"class {c} has {len(idx)} samples, fewer than the {per_class} asked for")

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -117,15 +118,17 @@ def resolve(args):
     return args
 
 
-def load_checkpoint(path):
-    """torch.load(weights_only=True) with one clear error for a missing or unreadable file."""
+def load_checkpoint(path, keys=("model", "args")):
+    """torch.load(weights_only=True) of a dict holding `keys`; one clear error for a missing or
+    unreadable file."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, unsafe pickle...
-        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])[:200]  # drop ANSI colours
+        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
         fail(f"{path} is not a run.pt written by train.py (no 'model'/'args' entries)")
     return ckpt
 
@@ -200,10 +203,11 @@ def main(argv=None):
     views = augment.pretrain_views(args.method, args.image_size, args.dataset)
     dataset = data.build_dataset(args.dataset, "pretrain", views, args.data_dir, args.download)
     if args.train_subset:
-        n_classes = len(data.targets(dataset).unique())
+        labels = data.targets(dataset)  # (N,); -1 marks STL-10's unlabeled images, left out here
+        n_classes = len(labels[labels >= 0].unique())
         if args.train_subset % n_classes:
             fail(f"--train-subset {args.train_subset} is not a multiple of the {n_classes} classes")
-        keep = data.balanced_subset(data.targets(dataset), args.train_subset // n_classes, seed=0)
+        keep = data.balanced_subset(labels, args.train_subset // n_classes, seed=0)
         dataset = torch.utils.data.Subset(dataset, keep.tolist())
     local_batch = args.batch_size // world
     if len(dataset) < args.batch_size:

@@ -1,0 +1,389 @@
+"""Evaluate a pretrained backbone: kNN, linear probe, semi-supervised (1% / 10%) and full fine-tuning.
+
+    python evaluate.py --ckpt out/run.pt                                  # kNN + linear probe
+    python evaluate.py --ckpt out/run.pt --protocol knn semi finetune --random-init
+    python evaluate.py --ckpt out/run.pt --dataset cifar100               # transfer
+    python evaluate.py --ckpt out/backbone.pt --arch resnet18 --dataset cifar10
+    python evaluate.py --ckpt out/run.pt --dataset cifar10 --train-subset 5000 --test-subset 2000  # CPU
+
+Protocols (thesis / InstDisc / DINO eval_knn conventions):
+  knn       frozen L2-normalised features, cosine similarity, votes weighted exp(sim / T), k = 200 and 20
+  linear    frozen backbone, nn.Linear on standardised features, SGD + cosine (--linear-aug: crop/flip)
+  semi      backbone + linear layer fine-tuned on class-balanced 1% and 10% label subsets, saved as
+            <ckpt dir>/subset_<dataset>_<pct>pct_seed<seed>.txt and reused
+  finetune  the same on 100% of the labels
+Architecture, stem, image size and dataset come from the checkpoint's stored args unless a flag
+overrides them; a backbone.pt (plain torchvision state_dict) has none, so they come from the flags.
+Prints a table and appends one JSON line per result to <ckpt dir>/eval.jsonl.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import augment
+import data
+import model as models
+import train
+
+PROTOCOLS = ("knn", "linear", "semi", "finetune")
+SEMI_FRACTIONS = (0.01, 0.10)
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="run.pt written by train.py, or an exported backbone.pt")
+    p.add_argument("--protocol", nargs="+", default=["knn", "linear"], help=", ".join(PROTOCOLS))
+    p.add_argument("--dataset", default=None, help="evaluate on this dataset (default: the pretraining one)")
+    p.add_argument("--data-dir", default=None, help="where the dataset lies (default: the checkpoint's, else data)")
+    p.add_argument("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10")
+    p.add_argument("--arch", default=None, help=f"{', '.join(models.ARCHS)} (default: the checkpoint's, else resnet18)")
+    p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
+                   help="3x3 stride-1 stem (default: the checkpoint's, else read from conv1's kernel size)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's, else the dataset's")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="a fixed class-balanced subset of this many labelled train images (kNN bank, probe "
+                        "and fine-tuning pool)")
+    p.add_argument("--test-subset", type=int, default=None,
+                   help="a fixed class-balanced subset of this many test images (queries)")
+    p.add_argument("--random-init", action="store_true", help="also evaluate an untrained backbone, for comparison")
+    p.add_argument("--knn-k", type=int, nargs="+", default=[200, 20], help="neighbours")
+    p.add_argument("--knn-t", type=float, default=0.07, help="kNN vote temperature")
+    p.add_argument("--linear-epochs", type=int, default=100)
+    p.add_argument("--linear-lr", type=float, default=0.1)
+    p.add_argument("--linear-aug", action="store_true",
+                   help="train the probe on random-crop/flip views (features recomputed per batch; slower)")
+    p.add_argument("--finetune-epochs", type=int, default=50, help="semi and finetune")
+    p.add_argument("--finetune-lr", type=float, default=0.05, help="semi and finetune")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="linear, semi and finetune")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the semi-supervised label subsets")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
+    p.add_argument("--seed", type=int, default=0, help="random-init weights and training order")
+    args = p.parse_args(argv)
+    for protocol in args.protocol:
+        if protocol not in PROTOCOLS:
+            fail(f"unknown --protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    return args
+
+
+def load_weights(path):
+    """(backbone state_dict, stored train args, epochs done) from a run.pt, or (state_dict, {}, None)
+    from a backbone.pt; one clear error line for anything else."""
+    ckpt = train.load_checkpoint(path, keys=())
+    if "model" in ckpt and "args" in ckpt:  # run.pt
+        return models.load_backbone_state(ckpt["model"]), ckpt["args"], ckpt.get("epoch")
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):  # backbone.pt
+        return models.load_backbone_state(ckpt), {}, None
+    fail(f"{path} is neither a run.pt from train.py nor a backbone.pt state_dict")
+
+
+def resolve(args, stored, state):
+    """Unset flags from the checkpoint's args, else defaults; check them before any work."""
+    args.pretrain_dataset = stored.get("dataset")  # None for a backbone.pt
+    args.dataset = args.dataset or stored.get("dataset", "synthetic")
+    if args.dataset not in data.DATASETS:
+        fail(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)}")
+    args.data_dir = args.data_dir or stored.get("data_dir", "data")
+    args.arch = args.arch or stored.get("arch", "resnet18")
+    if args.arch not in models.ARCHS:
+        fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(models.ARCHS)}")
+    args.image_size = args.image_size or stored.get("image_size") or data.IMAGE_SIZE[args.dataset]
+    if args.cifar_stem is None:
+        args.cifar_stem = stored.get("cifar_stem")
+    if args.cifar_stem is None and "conv1.weight" in state:
+        args.cifar_stem = state["conv1.weight"].shape[-1] == 3  # (64, 3, 3, 3) cifar, (64, 3, 7, 7) imagenet
+    if args.cifar_stem is None:
+        args.cifar_stem = args.image_size <= 64
+    for key in ("image_size", "batch_size", "linear_epochs", "finetune_epochs", "train_subset", "test_subset"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            fail(f"--{key.replace('_', '-')} must be positive")
+    if min(args.knn_k) <= 0:
+        fail("--knn-k must be positive")
+    return args
+
+
+class Transformed(torch.utils.data.Dataset):
+    """(PIL image, label) dataset -> (transform(image), label): one loaded dataset, several views."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        return self.transform(img), label
+
+
+def labelled_split(args, split, subset_size):
+    """The labelled `split` as (dataset of PIL images, labels (N,)), optionally a fixed balanced subset."""
+    ds = data.build_dataset(args.dataset, split, None, args.data_dir, args.download)
+    labels = data.targets(ds)  # (N,)
+    if len(labels) == 0 or (labels < 0).any():
+        fail(f"--dataset {args.dataset}: {(labels < 0).sum().item()} of the {len(labels)} images of its {split} "
+             f"split have no label (-1); evaluation needs labelled train and test splits")
+    if subset_size:
+        num_classes = len(labels.unique())
+        if subset_size % num_classes:
+            fail(f"--{split}-subset {subset_size} is not a multiple of the {num_classes} classes")
+        keep = data.balanced_subset(labels, subset_size // num_classes, seed=0)  # (subset_size,) sorted
+        ds, labels = torch.utils.data.Subset(ds, keep.tolist()), labels[keep]
+    return ds, labels
+
+
+def semi_subset(ds, labels, fraction, args):
+    """Indices (into `ds`) of a class-balanced `fraction` of it, from the saved index file if present."""
+    num_classes = len(labels.unique())
+    per_class = max(1, round(fraction * len(labels) / num_classes))
+    tag = f"_train{args.train_subset}" if args.train_subset else ""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                        f"subset_{args.dataset}{tag}_{round(100 * fraction)}pct_seed{args.subset_seed}.txt")
+    # Indices are saved into the full train split, so the file stays meaningful outside this run.
+    full_index = torch.as_tensor(ds.indices) if isinstance(ds, torch.utils.data.Subset) else torch.arange(len(ds))
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = torch.tensor([int(line) for line in f if line.strip()])  # (n,) full-split indices
+        pos = torch.searchsorted(full_index, saved)  # full_index is sorted
+        if len(saved) == 0 or pos.max() >= len(full_index) or not (full_index[pos] == saved).all():
+            fail(f"{path} does not fit this train split; delete it to draw the subset again")
+        return pos, path
+    pos = data.balanced_subset(labels, per_class, seed=args.subset_seed)  # (C * per_class,)
+    with open(path, "w") as f:
+        f.write("".join(f"{i}\n" for i in full_index[pos].tolist()))
+    return pos, path
+
+
+def make_loader(ds, batch_size, workers, device, shuffle=False, seed=0, drop_last=False):
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       pin_memory=device.type == "cuda", drop_last=drop_last,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def extract_features(net, loader, device):
+    """net's outputs for every batch of loader, in eval mode: (outputs (N, F) float32, labels (N,)) on device."""
+    net.eval()
+    outs, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        with autocast(device):
+            outs.append(net(x).float())  # (B, F)
+        labels.append(y.to(device))
+    return torch.cat(outs), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_classify(train_feats, train_labels, test_feats, num_classes, k=200, T=0.07, chunk=256):
+    """Weighted kNN (InstDisc / DINO eval_knn): class scores (N_test, C), each the sum of exp(cos / T)
+    over the k most similar train features of that class. Queries go `chunk` at a time, so no
+    (N_test, N_train) similarity matrix is ever held whole."""
+    bank = F.normalize(train_feats, dim=1)  # (N_train, F)
+    k = min(k, len(bank))
+    scores = []
+    for q in F.normalize(test_feats, dim=1).split(chunk):  # (b, F)
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (b, k) each
+        votes = torch.zeros(len(q), num_classes, device=q.device)  # (b, C)
+        scores.append(votes.scatter_add_(1, train_labels[idx], (sim / T).exp()))
+    return torch.cat(scores)  # (N_test, C)
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Percent of rows whose label is among the k highest scores, for each k (k capped at C)."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, max k)
+    hit = top == labels[:, None]  # (N, max k)
+    return [100.0 * hit[:, :k].any(1).float().mean().item() for k in ks]
+
+
+def sgd_cosine(params, lr, weight_decay, total_steps):
+    """SGD with momentum 0.9 and a per-step cosine decay of lr to 0."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total_steps))
+
+
+def train_linear(train_feats, train_labels, num_classes, epochs=100, lr=0.1, batch_size=256, weight_decay=0.0,
+                 seed=0, aug_batches=None):
+    """Linear probe: nn.Linear(F, C) trained with cross-entropy on standardised features, returned with
+    the standardisation folded into its weights, so it takes raw features (N, F).
+
+    aug_batches (--linear-aug): a function returning one epoch of (feats (B, F), labels (B,)) of freshly
+    augmented images; train_feats (of unaugmented images) then only give the standardisation statistics."""
+    mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)  # (F,) each
+    head = nn.Linear(train_feats.shape[1], num_classes).to(train_feats.device)
+    steps_per_epoch = math.ceil(len(train_feats) / batch_size)
+    opt, sched = sgd_cosine(head.parameters(), lr, weight_decay, epochs * steps_per_epoch)
+    g = torch.Generator().manual_seed(seed)
+
+    def shuffled_batches():
+        for idx in torch.randperm(len(train_feats), generator=g).split(batch_size):
+            idx = idx.to(train_feats.device)
+            yield train_feats[idx], train_labels[idx]
+
+    for _ in range(epochs):
+        for feats, labels in (aug_batches or shuffled_batches)():
+            loss = F.cross_entropy(head((feats - mean) / std), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():  # W (x - m) / s + b  =  (W / s) x + (b - W m / s)
+        head.bias -= head.weight @ (mean / std)
+        head.weight /= std
+    return head
+
+
+def finetune(backbone, head, loader, epochs, lr, weight_decay, device):
+    """Train backbone (BatchNorm in train mode) and head together with cross-entropy, in place."""
+    net = nn.Sequential(backbone, head).to(device, memory_format=torch.channels_last).train()
+    opt, sched = sgd_cosine(net.parameters(), lr, weight_decay, epochs * len(loader))
+    for _ in range(epochs):
+        for x, y in loader:
+            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+            with autocast(device):
+                logits = net(x)  # (B, C)
+            loss = F.cross_entropy(logits.float(), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net
+
+
+def build_backbone(args, weights, device):
+    """The backbone to evaluate: the checkpoint's weights, or (weights None) a torch.manual_seed(seed)
+    init, which for seed 0 is the very network train.py started from."""
+    torch.manual_seed(args.seed)
+    net, feat_dim = models.build_backbone(args.arch, args.cifar_stem)
+    if weights is not None:
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as e:  # wrong --arch or stem: missing / unexpected keys, size mismatch
+            detail = " ".join(" ".join(str(e).splitlines()[1:]).split())  # past "Error(s) in loading ..."
+            fail(f"{args.ckpt} does not fit --arch {args.arch} {'with' if args.cifar_stem else 'without'} "
+                 f"the cifar stem: {detail[:300]}")
+    return net.to(device, memory_format=torch.channels_last), feat_dim
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    state, stored, ckpt_epoch = load_weights(args.ckpt)
+    args = resolve(args, stored, state)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # Data: PIL datasets loaded once, seen through the eval (resize, centre crop) or train (crop, flip) view.
+    train_set, train_labels = labelled_split(args, "train", args.train_subset)
+    test_set, test_labels = labelled_split(args, "test", args.test_subset)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    eval_tf = augment.eval_view(args.image_size, args.dataset)
+    train_tf = augment.train_view(args.image_size, args.dataset)
+    bs, nw = args.batch_size, args.workers
+    train_eval_loader = make_loader(Transformed(train_set, eval_tf), bs, nw, device)
+    test_loader = make_loader(Transformed(test_set, eval_tf), bs, nw, device)
+    label_fractions = []  # (protocol, fraction of the train labels) to fine-tune on
+    if "semi" in args.protocol:
+        label_fractions += [("semi", f) for f in SEMI_FRACTIONS]
+    if "finetune" in args.protocol:
+        label_fractions.append(("finetune", 1.0))
+    print(f"evaluating {args.ckpt} ({args.arch}, {'cifar' if args.cifar_stem else 'imagenet'} stem, "
+          f"{args.image_size} px, pretrained on {args.pretrain_dataset or 'unknown'}) on {args.dataset}: "
+          f"{len(train_set)} train / {len(test_set)} test images, {num_classes} classes, {device.type}", flush=True)
+
+    log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.jsonl")
+    results = []  # (backbone name, row, top1, top5)
+
+    def report(name, protocol, setting, top1, top5, seconds, **settings):
+        row = f"{protocol} {setting}".strip()
+        results.append((name, row, top1, top5))
+        rec = {"ckpt": os.path.abspath(args.ckpt), "ckpt_epoch": ckpt_epoch,
+               "pretrain_dataset": args.pretrain_dataset, "dataset": args.dataset, "protocol": protocol,
+               "setting": setting, "settings": {"arch": args.arch, "cifar_stem": args.cifar_stem,
+                                                "image_size": args.image_size, "train_images": len(train_set),
+                                                "test_images": len(test_set), **settings},
+               "top1": round(top1, 2), "top5": round(top5, 2), "random_init": name == "random-init",
+               "seconds": round(seconds, 1)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"{name} {row}: top-1 {top1:.2f} top-5 {top5:.2f} ({seconds:.0f} s)", flush=True)
+
+    backbones = [("trained", state)] + ([("random-init", None)] if args.random_init else [])
+    for name, weights in backbones:
+        backbone, feat_dim = build_backbone(args, weights, device)
+        if "knn" in args.protocol or "linear" in args.protocol:  # frozen features of unaugmented images
+            t0 = time.time()
+            train_feats, train_y = extract_features(backbone, train_eval_loader, device)  # (N_train, F), (N_train,)
+            test_feats, test_y = extract_features(backbone, test_loader, device)  # (N_test, F), (N_test,)
+            t_feats = time.time() - t0
+
+        if "knn" in args.protocol:
+            for k in args.knn_k:
+                t0 = time.time()
+                scores = knn_classify(train_feats, train_y, test_feats, num_classes, k, args.knn_t)  # (N_test, C)
+                top1, top5 = topk_accuracy(scores, test_y)
+                report(name, "knn", f"k={k}", top1, top5, t_feats + time.time() - t0,
+                       k=min(k, len(train_feats)), T=args.knn_t)
+
+        if "linear" in args.protocol:
+            t0 = time.time()
+            aug_batches = None
+            if args.linear_aug:  # frozen backbone in eval mode, features of fresh crops every batch
+                aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device, shuffle=True, seed=args.seed)
+
+                def aug_batches():
+                    for batch in aug_loader:
+                        yield extract_features(backbone, [batch], device)  # (B, F), (B,)
+
+            torch.manual_seed(args.seed)
+            head = train_linear(train_feats, train_y, num_classes, args.linear_epochs, args.linear_lr, bs,
+                                args.weight_decay, args.seed, aug_batches)
+            with torch.no_grad():
+                top1, top5 = topk_accuracy(head(test_feats), test_y)
+            report(name, "linear", "aug" if args.linear_aug else "", top1, top5, t_feats + time.time() - t0,
+                   epochs=args.linear_epochs, lr=args.linear_lr, weight_decay=args.weight_decay, batch_size=bs,
+                   aug=args.linear_aug)
+
+        for protocol, fraction in label_fractions:
+            t0 = time.time()
+            ft_set, subset_file = train_set, None
+            if fraction < 1:
+                keep, subset_file = semi_subset(train_set, train_labels, fraction, args)  # (n,) into train_set
+                ft_set = torch.utils.data.Subset(train_set, keep.tolist())
+            backbone, feat_dim = build_backbone(args, weights, device)
+            torch.manual_seed(args.seed)
+            head = nn.Linear(feat_dim, num_classes)
+            ft_loader = make_loader(Transformed(ft_set, train_tf), bs, nw, device, shuffle=True, seed=args.seed,
+                                    drop_last=len(ft_set) > bs)  # no 1-image BatchNorm batch at an epoch's end
+            net = finetune(backbone, head, ft_loader, args.finetune_epochs, args.finetune_lr, args.weight_decay, device)
+            scores, labels = extract_features(net, test_loader, device)  # (N_test, C), (N_test,)
+            top1, top5 = topk_accuracy(scores, labels)
+            report(name, protocol, f"{100 * fraction:g}%", top1, top5, time.time() - t0, labels=len(ft_set),
+                   subset_file=subset_file, subset_seed=args.subset_seed if subset_file else None,
+                   epochs=args.finetune_epochs, lr=args.finetune_lr, weight_decay=args.weight_decay, batch_size=bs)
+
+    # Table: one row per protocol setting, trained and random-init side by side.
+    names = [name for name, _ in backbones]
+    top = {(name, row): (top1, top5) for name, row, top1, top5 in results}
+    print(f"\n{'protocol':14s}" + "".join(f"{name + ' top-1':>20s}{'top-5':>8s}" for name in names))
+    for row in dict.fromkeys(row for _, row, _, _ in results):
+        print(f"{row:14s}" + "".join(f"{top[name, row][0]:20.2f}{top[name, row][1]:8.2f}" for name in names))
+    print(f"appended {len(results)} records to {log_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Tests for evaluate.py: the pure pieces on synthetic features, then the CLI end to end on a tiny
+checkpoint from a 1-epoch `synthetic` training run. CPU only; python -m pytest -q tests/test_evaluate.py"""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import evaluate
+import train
+
+TINY = ["--train-subset", "50", "--test-subset", "50", "--batch-size", "32", "--workers", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core CPU, 2 OpenMP threads spin and run ~3x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def blobs(num_classes, per_class, dim=32, seed=0, spread=0.3):
+    """Well-separated Gaussian clusters: (feats (N, dim), labels (N,)); the same centres for every seed."""
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))  # (C, dim)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)  # (N,)
+    noise = torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(seed))  # (N, dim)
+    return centres[labels] + spread * noise, labels
+
+
+# ---------------------------------------------------------------- pure functions
+
+def test_knn_separable_and_shuffled_labels():
+    train_feats, train_labels = blobs(10, 30, seed=0)
+    test_feats, test_labels = blobs(10, 10, seed=1)
+    scores = evaluate.knn_classify(train_feats, train_labels, test_feats, 10, k=20, T=0.07, chunk=7)
+    assert scores.shape == (100, 10)
+    assert evaluate.topk_accuracy(scores, test_labels)[0] == 100.0
+    # chunking changes nothing (7 queries at a time vs all at once)
+    whole = evaluate.knn_classify(train_feats, train_labels, test_feats, 10, k=20, T=0.07, chunk=1000)
+    torch.testing.assert_close(scores, whole)
+    # k larger than the bank is capped, not an error
+    assert evaluate.knn_classify(train_feats, train_labels, test_feats, 10, k=5000).shape == (100, 10)
+
+    shuffled = train_labels[torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(0))]
+    top1, _ = evaluate.topk_accuracy(evaluate.knn_classify(train_feats, shuffled, test_feats, 10, k=20), test_labels)
+    assert top1 < 30  # chance is 10
+
+
+def test_knn_votes_are_temperature_weighted():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # one vote for class 0, two for class 1
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.2]])  # much closer to the class-0 vector
+    scores = evaluate.knn_classify(bank, labels, query, 2, k=3, T=0.07)  # (1, 2)
+    cos = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T  # (1, 3)
+    torch.testing.assert_close(scores, torch.stack([(cos[:, 0] / 0.07).exp(), 2 * (cos[:, 1] / 0.07).exp()], 1))
+    assert scores.argmax().item() == 0  # a majority vote would say 1
+
+
+def test_topk_accuracy_hand_made():
+    scores = torch.tensor([
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],  # label 0: top-1 and top-5 hit
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # label 1: 5th highest -> top-5 hit only
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # label 0: 6th highest -> miss
+        [0.0, 0.0, 0.0, 1.0, 0.0, 0.5],  # label 5: 2nd highest -> top-5 hit only
+    ])
+    labels = torch.tensor([0, 1, 0, 5])
+    assert evaluate.topk_accuracy(scores, labels) == [25.0, 75.0]
+    assert evaluate.topk_accuracy(scores, labels, ks=(1, 2, 6)) == [25.0, 50.0, 100.0]
+
+
+def test_balanced_subsets_counts_and_seeds():
+    labels = torch.cat([torch.full((20 + 3 * c,), c) for c in range(10)])  # unbalanced: 20..47 per class
+    a = data.balanced_subset(labels, 7, seed=0)
+    assert torch.bincount(labels[a], minlength=10).tolist() == [7] * 10
+    assert len(a.unique()) == 70
+    assert torch.equal(a, data.balanced_subset(labels, 7, seed=0))
+    assert not torch.equal(a, data.balanced_subset(labels, 7, seed=1))
+
+
+def test_semi_subset_is_saved_and_reused(tmp_path):
+    full = data.build_dataset("synthetic", "train")  # 2000 images, 200 per class
+    labels = data.targets(full)
+    args = argparse.Namespace(ckpt=str(tmp_path / "run.pt"), dataset="synthetic", train_subset=None, subset_seed=0)
+    pos, path = evaluate.semi_subset(full, labels, 0.10, args)
+    assert path == str(tmp_path / "subset_synthetic_10pct_seed0.txt")
+    assert torch.bincount(labels[pos]).tolist() == [20] * 10
+    saved = [int(line) for line in open(path)]
+    assert saved == pos.tolist()  # indices into the full train split
+    with open(path, "w") as f:  # a saved file wins over a fresh draw: runs stay comparable
+        f.write("".join(f"{i}\n" for i in saved[:30]))
+    again, _ = evaluate.semi_subset(full, labels, 0.10, args)
+    assert again.tolist() == saved[:30]
+    other_seed = argparse.Namespace(**{**vars(args), "subset_seed": 1})
+    other, other_path = evaluate.semi_subset(full, labels, 0.10, other_seed)
+    assert other_path.endswith("_10pct_seed1.txt") and not torch.equal(other, pos)
+
+    # on a --train-subset the file holds full-split indices and is named after the subset
+    keep = data.balanced_subset(labels, 50, seed=0)  # (500,)
+    sub = torch.utils.data.Subset(full, keep.tolist())
+    args.train_subset = 500
+    pos, path = evaluate.semi_subset(sub, labels[keep], 0.01, args)
+    assert os.path.basename(path) == "subset_synthetic_train500_1pct_seed0.txt"
+    assert len(pos) == 10  # max(1, 1% of 50) per class
+    assert [int(line) for line in open(path)] == keep[pos].tolist()
+
+
+def test_linear_probe_separable_features():
+    train_feats, train_labels = blobs(10, 40, seed=0, spread=0.5)
+    test_feats, test_labels = blobs(10, 20, seed=1, spread=0.5)
+    # far from zero mean / unit scale: the probe standardises inputs and folds that into its weights
+    train_feats, test_feats = 50 * train_feats + 300, 50 * test_feats + 300
+    head = evaluate.train_linear(train_feats, train_labels, 10, epochs=20, lr=0.1, batch_size=64)
+    assert isinstance(head, torch.nn.Linear) and head.in_features == 32 and head.out_features == 10
+    with torch.no_grad():
+        top1, top5 = evaluate.topk_accuracy(head(test_feats), test_labels)
+    assert top1 >= 95 and top5 == 100
+
+
+# ---------------------------------------------------------------- CLI end to end
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    # 120, not 128: train.py asks for a multiple of the 10 classes
+    train.main(["--epochs", "1", "--train-subset", "120", "--batch-size", "32", "--workers", "0",
+                "--out-dir", str(out)])
+    return out
+
+
+def read_records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_end_to_end_all_protocols(run_dir, capsys):
+    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", "semi", "finetune",
+                             "--linear-epochs", "5", "--finetune-epochs", "1", *TINY])
+    out = capsys.readouterr().out
+    rows = ["knn k=200", "knn k=20", "linear", "semi 1%", "semi 10%", "finetune 100%"]
+    table = out[out.index("\nprotocol"):]
+    assert "trained top-1" in table and "random-init" not in table
+    for row in rows:
+        assert f"\n{row} " in table
+    assert [r[1] for r in results] == rows
+
+    records = read_records(run_dir / "eval.jsonl")[-6:]
+    assert [(r["protocol"], r["setting"]) for r in records] == [
+        ("knn", "k=200"), ("knn", "k=20"), ("linear", ""), ("semi", "1%"), ("semi", "10%"), ("finetune", "100%")]
+    for r in records:
+        assert r["ckpt"] == str(run_dir / "run.pt") and r["ckpt_epoch"] == 1
+        assert r["pretrain_dataset"] == "synthetic" and r["dataset"] == "synthetic"
+        assert r["random_init"] is False and r["seconds"] > 0
+        assert 0 <= r["top1"] <= r["top5"] <= 100
+        assert r["settings"]["arch"] == "resnet18" and r["settings"]["cifar_stem"] is True
+        assert r["settings"]["train_images"] == 50 and r["settings"]["test_images"] == 50
+    assert records[0]["settings"]["k"] == 50  # capped at the bank size
+    assert [r["settings"]["labels"] for r in records[3:]] == [10, 10, 50]  # >= 1 per class
+    for pct in (1, 10):
+        path = run_dir / f"subset_synthetic_train50_{pct}pct_seed0.txt"
+        assert records[3 if pct == 1 else 4]["settings"]["subset_file"] == str(path)
+        assert len(open(path).read().split()) == 10
+
+
+def test_backbone_pt_loads_with_stem_detected(run_dir, capsys):
+    knn = ["--protocol", "knn", "--knn-k", "20", *TINY]
+    from_run = evaluate.main(["--ckpt", str(run_dir / "run.pt"), *knn])
+    from_backbone = evaluate.main(["--ckpt", str(run_dir / "backbone.pt"), "--dataset", "synthetic", *knn])
+    assert from_backbone == from_run  # same weights, same numbers
+    record = read_records(run_dir / "eval.jsonl")[-1]
+    assert record["pretrain_dataset"] is None and record["ckpt_epoch"] is None
+    assert record["settings"]["cifar_stem"] is True and record["settings"]["image_size"] == 32
+    assert "pretrained on unknown" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="does not fit --arch resnet18 without the cifar stem"):
+        evaluate.main(["--ckpt", str(run_dir / "backbone.pt"), "--no-cifar-stem", *knn])
+
+
+def test_random_init_column(run_dir, capsys):
+    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "--knn-k", "20", "--random-init",
+                             *TINY])
+    header, row = capsys.readouterr().out.split("\nprotocol")[1].splitlines()[:2]
+    assert "trained top-1" in header and "random-init top-1" in header
+    assert row.split()[:2] == ["knn", "k=20"] and len(row.split()) == 6
+    records = read_records(run_dir / "eval.jsonl")[-2:]
+    assert [r["random_init"] for r in records] == [False, True]
+    assert [r[0] for r in results] == ["trained", "random-init"]
+    # seed-0 init is the network train.py started from, so after one epoch the weights differ
+    state, _, _ = evaluate.load_weights(str(run_dir / "run.pt"))
+    args = evaluate.resolve(evaluate.parse_args(["--ckpt", "x"]), {"arch": "resnet18", "cifar_stem": True}, state)
+    trained, _ = evaluate.build_backbone(args, state, torch.device("cpu"))
+    untrained, _ = evaluate.build_backbone(args, None, torch.device("cpu"))
+    assert not torch.equal(trained.conv1.weight, untrained.conv1.weight)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--ckpt", str(tmp_path / "nope.pt")])
+    # a str SystemExit code: python prints it as one line on stderr and exits with status 1
+    assert exc.value.code == f"error: checkpoint {tmp_path / 'nope.pt'} does not exist"
+
+
+def test_corrupt_checkpoints(tmp_path, run_dir):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit, match=r"^error: cannot read checkpoint .*garbage\.pt"):
+        evaluate.main(["--ckpt", str(garbage)])
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((run_dir / "run.pt").read_bytes()[:5000])
+    with pytest.raises(SystemExit, match=r"^error: cannot read checkpoint .*truncated\.pt"):
+        evaluate.main(["--ckpt", str(truncated)])
+    other = tmp_path / "other.pt"
+    torch.save({"epoch": 3}, other)
+    with pytest.raises(SystemExit, match="neither a run.pt from train.py nor a backbone.pt"):
+        evaluate.main(["--ckpt", str(other)])
+
+
+def test_unknown_protocol(run_dir):
+    message = "^error: unknown --protocol 'kmeans'; choose from knn, linear, semi, finetune$"
+    with pytest.raises(SystemExit, match=message):
+        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "kmeans"])
+
+
+def test_subset_not_a_multiple_of_the_classes(run_dir):
+    with pytest.raises(SystemExit, match=r"^error: --test-subset 55 is not a multiple of the 10 classes$"):
+        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--test-subset", "55", "--workers", "0"])
+
+
+def test_missing_labels(run_dir, monkeypatch):
+    build = data.build_dataset
+
+    def unlabelled_train(name, split, *a, **kw):
+        ds = build(name, split, *a, **kw)
+        if split == "train":
+            ds.targets = [-1] * len(ds)
+        return ds
+
+    monkeypatch.setattr(data, "build_dataset", unlabelled_train)
+    with pytest.raises(SystemExit, match="2000 of the 2000 images of its train split have no label"):
+        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--workers", "0"])
+
+
+def test_missing_transfer_dataset(run_dir, tmp_path):
+    with pytest.raises(SystemExit, match="CIFAR100 not found .* pass --download"):
+        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--dataset", "cifar100", "--data-dir", str(tmp_path)])
