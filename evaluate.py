@@ -343,10 +343,7 @@ def main(argv=None):
             aug_batches = None
             if args.linear_aug:  # frozen backbone in eval mode, features of fresh crops every batch
                 aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device, shuffle=True, seed=args.seed)
-
-                def aug_batches():
-                    for batch in aug_loader:
-                        yield extract_features(backbone, [batch], device)  # (B, F), (B,)
+                aug_batches = lambda: (extract_features(backbone, [b], device) for b in aug_loader)  # (B, F), (B,)
 
             torch.manual_seed(args.seed)
             head = train_linear(train_feats, train_y, num_classes, args.linear_epochs, args.linear_lr, bs,

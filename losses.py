@@ -15,7 +15,6 @@ import math
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-import torch.nn.functional as F
 
 
 def random_partition(num_prototypes, block_size, seed, step):

@@ -14,15 +14,6 @@ import train
 TINY = ["--train-subset", "50", "--test-subset", "50", "--batch-size", "32", "--workers", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core CPU, 2 OpenMP threads spin and run ~3x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def blobs(num_classes, per_class, dim=32, seed=0, spread=0.3):
     """Well-separated Gaussian clusters: (feats (N, dim), labels (N,)); the same centres for every seed."""
     centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))  # (C, dim)

@@ -1,7 +1,6 @@
 """LARS (lars.py) against hand-computed steps, and the parameter grouping."""
 import math
 
-import pytest
 import torch
 import torch.nn as nn
 

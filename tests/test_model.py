@@ -7,15 +7,6 @@ import torchvision
 import model as models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core CPU, 2 OpenMP threads spin and run ~3x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def layer4_shape(m, x):
     out = {}
 
