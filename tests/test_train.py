@@ -126,8 +126,11 @@ def test_backbone_pt_loads_into_torchvision(which, request):
 
 # ---------------------------------------------------------------- resume
 
-def check_resume(tmp_path, argv, full):
-    """--until-epoch 1, then --resume: same weights, optimizer state and log as the uninterrupted run `full`."""
+@pytest.mark.parametrize("which", ["carl", "carp"])
+def test_resume_matches_uninterrupted_run(tmp_path, request, which):
+    """--until-epoch 1, then --resume: same weights, optimizer state and log as the uninterrupted run."""
+    argv = ["--method", "carl", *BASE] if which == "carl" else [*CARP, *BASE]
+    full = request.getfixturevalue(f"{which}_run")
     split = str(tmp_path / "split")
     run_main([*argv, "--until-epoch", "1", "--out-dir", split])
     half = torch.load(os.path.join(split, "run.pt"), weights_only=True)
@@ -151,13 +154,6 @@ def check_resume(tmp_path, argv, full):
     for ra, rb in zip(la, lb):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
 
-
-def test_resume_matches_uninterrupted_run_carl(tmp_path, carl_run):
-    check_resume(tmp_path, ["--method", "carl", *BASE], carl_run)
-
-
-def test_resume_matches_uninterrupted_run_carp(tmp_path, carp_run):
-    check_resume(tmp_path, [*CARP, *BASE], carp_run)
 
 
 # ---------------------------------------------------------------- bad inputs
