@@ -45,7 +45,7 @@ class AssignmentModel(nn.Module):
     weight rows are the K prototypes. CARP: a 2-layer MLP with BatchNorm (hidden as wide as
     the projection head) whose last layer holds the prototypes."""
 
-    def __init__(self, method, arch="resnet18", cifar_stem=True, num_prototypes=100):
+    def __init__(self, method, arch="resnet18", cifar_stem=True, num_prototypes=100, proto_init_gain=1.0):
         super().__init__()
         self.backbone, feat_dim = build_backbone(arch, cifar_stem)
         hidden = feat_dim  # 512 for resnet18, 2048 for resnet50 (thesis 5.8.2 and 6.5.2)
@@ -56,6 +56,15 @@ class AssignmentModel(nn.Module):
             self.assigner = mlp(EMBED_DIM, hidden, num_prototypes, hidden_layers=1)
         else:
             raise ValueError(f"unknown --method {method!r}; choose carl or carp")
+        # Prototypes (the assigner's last layer) start at PyTorch's default init times a gain.
+        # With gain 1 the initial logits have a std of ~0.2: assignments start uniform and the
+        # loss's gradient reaching the backbone is ~30x weaker than SimCLR's (it grows with the
+        # square of the logit scale), which only a long schedule outgrows. A gain of ~5 starts
+        # the logits at std ~1 (RESULTS.md, "cold start").
+        prototypes = self.assigner if method == "carl" else self.assigner[-1]
+        with torch.no_grad():
+            prototypes.weight.mul_(proto_init_gain)
+            prototypes.bias.mul_(proto_init_gain)
 
     def forward(self, x):
         z = self.head(self.backbone(x))  # (B, 128)

@@ -28,9 +28,10 @@ pretrain() {  # name, then method flags; one intra-op thread so the two runs sha
     OMP_NUM_THREADS=1 python train.py "$@" "${SRC[@]}" "${COMMON[@]}" --out-dir "$dir" "${resume[@]}" \
         >> "$dir/train.out" 2>&1
 }
-pretrain carl --method carl --lr 4.8 --num-prototypes 100 --lam-start 4 --lam-end 1.5 --lam-epochs "$EPOCHS" &
-pretrain carp --method carp --lr 5.4 --num-prototypes 500 --block-size 50 \
-    --lam-start 2 --lam-end 0.3 --lam-epochs "$EPOCHS" &
+pretrain carl --method carl --lr 4.8 --num-prototypes 100 --proto-init-gain 5 \
+    --lam-start 1.5 --lam-end 1 --lam-epochs "$EPOCHS" &
+pretrain carp --method carp --lr 5.4 --num-prototypes 500 --block-size 50 --proto-init-gain 3 \
+    --lam-start 0.75 --lam-end 0.5 --lam-epochs "$EPOCHS" &
 wait
 
 EVAL=(--protocol knn --knn-k 200 --train-subset 5000 --test-subset 2000 --workers 2 "${SRC[@]}")

@@ -144,3 +144,20 @@ def test_backbone_state_dict_loads_into_torchvision(cifar_stem):
     # the stem really differs: the other torchvision stem cannot take these weights
     with pytest.raises(RuntimeError, match="size mismatch"):
         tv_resnet("resnet18", not cifar_stem).load_state_dict(sd, strict=False)
+
+
+@pytest.mark.parametrize("method", ["carl", "carp"])
+def test_proto_init_gain_scales_only_the_prototypes(method):
+    torch.manual_seed(0)
+    base = models.AssignmentModel(method, "resnet18", True, 30)
+    torch.manual_seed(0)
+    scaled = models.AssignmentModel(method, "resnet18", True, 30, proto_init_gain=4.0)
+    protos = (lambda m: m.assigner if method == "carl" else m.assigner[-1])
+    assert torch.allclose(protos(scaled).weight, 4.0 * protos(base).weight)
+    assert torch.allclose(protos(scaled).bias, 4.0 * protos(base).bias)
+    others = [k for k in base.state_dict() if not k.startswith("assigner")]
+    assert all(torch.equal(base.state_dict()[k], scaled.state_dict()[k]) for k in others)
+    x = torch.randn(8, 3, 32, 32)
+    base.eval(), scaled.eval()
+    with torch.no_grad():  # the prototypes are the last layer: the logits scale by the gain
+        assert torch.allclose(scaled(x), 4.0 * base(x), atol=1e-5)

@@ -111,6 +111,20 @@ def test_run_pt_contents(which, request):
     assert all(torch.equal(v, ckpt["model"][f"backbone.{k}"]) for k, v in sd.items())
 
 
+def test_lars_gives_biases_and_bn_a_scaled_lr(carp_run):
+    """CARP trains with LARS: the last step's lr of the 1-d group is the weights' lr times
+    LARS_EXCLUDED_LR_SCALE, and that group skips weight decay and the trust ratio."""
+    ckpt = torch.load(os.path.join(carp_run, "run.pt"), map_location="cpu", weights_only=True)
+    weights, excluded = ckpt["optimizer"]["param_groups"]
+    assert ckpt["args"]["optimizer"] == "lars"
+    assert excluded["lars_exclude"] and excluded["weight_decay"] == 0 and not weights["lars_exclude"]
+    assert weights["lr"] > 0
+    assert excluded["lr"] == pytest.approx(weights["lr"] * train.LARS_EXCLUDED_LR_SCALE)
+    sgd = train.build_optimizer(train.parse_args(["--method", "carl", "--optimizer", "sgd"]),
+                                models.AssignmentModel("carl", "resnet18", True, 10), 0.1)
+    assert all(g.get("lr_scale", 1.0) == 1.0 for g in sgd.param_groups)  # plain SGD: one lr
+
+
 @pytest.mark.parametrize("which", ["carl", "carp"])
 def test_backbone_pt_loads_into_torchvision(which, request):
     out = request.getfixturevalue(f"{which}_run")
