@@ -128,7 +128,7 @@ def resolve(args):
         fail(f"--num-prototypes {args.num_prototypes} is not divisible by --block-size {args.block_size}")
     if args.until_epoch is not None and not 0 < args.until_epoch <= args.epochs:
         fail(f"--until-epoch {args.until_epoch} must lie in 1..--epochs {args.epochs}")
-    for key in ("epochs", "batch_size", "num_prototypes", "image_size", "log_every"):
+    for key in ("epochs", "batch_size", "num_prototypes", "image_size", "log_every", "proto_init_gain"):
         if getattr(args, key) <= 0:
             fail(f"--{key.replace('_', '-')} must be positive")
     return args

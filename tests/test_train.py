@@ -198,6 +198,7 @@ def assert_untouched(d, fp):
     (["--method", "carl", "--block-size", "25"], r"--block-size is for --method carp"),
     (["--epochs", "2", "--until-epoch", "3"], r"--until-epoch 3 must lie in 1\.\.--epochs 2"),
     (["--batch-size", "0"], r"--batch-size must be positive"),
+    (["--proto-init-gain", "0"], r"--proto-init-gain must be positive"),
     (["--optimizer", "adam"], r"unknown --optimizer 'adam'"),
 ])
 def test_bad_flags_exit_before_any_work(tmp_path, argv, match):
