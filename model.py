@@ -59,8 +59,8 @@ class AssignmentModel(nn.Module):
         # Prototypes (the assigner's last layer) start at PyTorch's default init times a gain.
         # With gain 1 the initial logits have a std of ~0.2: assignments start uniform and the
         # loss's gradient reaching the backbone is ~30x weaker than SimCLR's (it grows with the
-        # square of the logit scale), which only a long schedule outgrows. A gain of ~5 starts
-        # the logits at std ~1 (RESULTS.md, "cold start").
+        # square of the logit scale), which only a long schedule outgrows. Gain 5 (CARL)
+        # or 3 (CARP) starts the logits at std ~1 (RESULTS.md, "What was found").
         prototypes = self.assigner if method == "carl" else self.assigner[-1]
         with torch.no_grad():
             prototypes.weight.mul_(proto_init_gain)
