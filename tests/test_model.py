@@ -44,11 +44,17 @@ def test_resnet18_cifar_stem_32px_shapes(method):
     assert isinstance(m.backbone.fc, nn.Identity)
 
 
-def test_resnet18_imagenet_stem_224px_shapes():
+def imagenet_stem_224px(method, arch, num_prototypes, batch):
+    """(model, logits, layer4 output shape) of an eval-mode model without the CIFAR stem at 224 px."""
     torch.manual_seed(0)
-    m = models.AssignmentModel("carl", "resnet18", cifar_stem=False, num_prototypes=50).eval()
+    m = models.AssignmentModel(method, arch, cifar_stem=False, num_prototypes=num_prototypes).eval()
     with torch.no_grad():
-        logits, s4 = layer4_shape(m, torch.randn(2, 3, 224, 224))
+        logits, s4 = layer4_shape(m, torch.randn(batch, 3, 224, 224))
+    return m, logits, s4
+
+
+def test_resnet18_imagenet_stem_224px_shapes():
+    m, logits, s4 = imagenet_stem_224px("carl", "resnet18", 50, batch=2)
     assert logits.shape == (2, 50)
     assert s4 == (2, 512, 7, 7)  # stride 32
     assert m.backbone.conv1.kernel_size == (7, 7) and m.backbone.conv1.stride == (2, 2)
@@ -56,10 +62,7 @@ def test_resnet18_imagenet_stem_224px_shapes():
 
 
 def test_resnet50_224px_shapes_and_widths():
-    torch.manual_seed(0)
-    m = models.AssignmentModel("carp", "resnet50", cifar_stem=False, num_prototypes=30).eval()
-    with torch.no_grad():
-        logits, s4 = layer4_shape(m, torch.randn(1, 3, 224, 224))
+    m, logits, s4 = imagenet_stem_224px("carp", "resnet50", 30, batch=1)
     assert logits.shape == (1, 30)
     assert s4 == (1, 2048, 7, 7)
     linears = [mod for mod in m.head if isinstance(mod, nn.Linear)]
