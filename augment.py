@@ -4,8 +4,9 @@
   colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur (p=0.5). Both views alike.
 - CARP (thesis Listing 3, BYOL-style, asymmetric): crop 15%-92.5%, flip, strong colour
   jitter (p=0.8), grayscale (p=0.2); blur p=1.0 / 0.1 and solarize p=0.0 / 0.2 for views 1 / 2.
-The blur kernel is ~10% of the image side (odd, >= 3), so the pipelines fit 32 px CIFAR
-images as well as 224 px ImageNet crops.
+Blur is sized to the image: the kernel is ~10% of the side (odd, >= 3) and sigma is the thesis's
+0.1-2.0 px at 224 px scaled by side / 224, so it takes the same share of a 32 px CIFAR image as of
+an ImageNet crop (unscaled, up to 2 px on a 32 px image would blur 7x harder).
 """
 import torchvision.transforms as T
 
@@ -24,7 +25,8 @@ def _finish(dataset):
 
 def _blur(size, p):
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
-    return T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
+    scale = size / 224
+    return T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1 * scale, 2.0 * scale))], p=p)
 
 
 def carl_view(size, dataset):

@@ -186,6 +186,21 @@ def test_random_init_column(run_dir, capsys):
     assert not torch.equal(trained.conv1.weight, untrained.conv1.weight)
 
 
+def test_trained_beats_random_init_on_synthetic(tmp_path):
+    """What pretraining buys: a short CARL run (155 steps of 32 on 1,000 synthetic images at
+    16 px, 70-110 s on one thread) lifts kNN k=200 far above the random-init network it started
+    from (measured: 33.4 -> 52.0 with bf16, -> 50.6 in float32). At k=20 a random network is
+    already at ~72% on these small images and this short run only matches it, so k=20 is not
+    asserted; the full quickstart (32 px, 155 steps of 64) beats it there too (RESULTS.md)."""
+    out = tmp_path / "run"
+    train.main(["--image-size", "16", "--train-subset", "1000", "--batch-size", "32", "--epochs", "5",
+                "--workers", "0", "--out-dir", str(out)])
+    results = evaluate.main(["--ckpt", str(out / "run.pt"), "--protocol", "knn", "--knn-k", "200", "--random-init",
+                             "--train-subset", "1000", "--test-subset", "500", "--workers", "0"])
+    top1 = {name: t1 for name, _, t1, _ in results}
+    assert top1["trained"] >= top1["random-init"] + 10, top1
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_missing_checkpoint(tmp_path):

@@ -83,8 +83,7 @@ def test_run_writes_outputs_and_loss_goes_down(which, request):
         assert r["loss"] == pytest.approx(r["consistency"] + r["lam"] * r["kl"], rel=1e-4)
     ep0 = [r["loss"] for r in log if r["epoch"] == 0]
     ep1 = [r["loss"] for r in log if r["epoch"] == 1]
-    assert sum(ep1) / len(ep1) < sum(ep0) / len(ep0) - 1e-3
-    assert log[-1]["loss"] < log[0]["loss"] - 1e-3
+    assert sum(ep1) / len(ep1) < sum(ep0) / len(ep0) - 1e-3  # epoch means: single steps are noisy
     # the schedules: cosine lr decays, lam decays linearly from its start value
     base_lr = {**train.DEFAULTS[which], **train.DATASET_DEFAULTS.get((which, "synthetic"), {})}["lr"]
     assert log[0]["lr"] == pytest.approx(base_lr * 32 / 256)  # lr scaled by batch / 256
@@ -136,6 +135,12 @@ def test_backbone_pt_loads_into_torchvision(which, request):
     torch.manual_seed(0)
     fresh = models.AssignmentModel(which, "resnet18", True, 100).backbone.state_dict()
     assert not torch.equal(fresh["conv1.weight"], sd["conv1.weight"])
+
+
+@pytest.mark.parametrize("argv,views", [(["--method", "carl"], "carl"), (["--method", "carp"], "carp"),
+                                        (["--method", "carp", "--views", "carl"], "carl")])
+def test_views_default_to_the_method(argv, views):
+    assert train.parse_args(argv).views == views
 
 
 # ---------------------------------------------------------------- resume
