@@ -34,6 +34,8 @@ import model as models
 # LARS with wd 1e-6 for CARL too (at batch 64, SGD at 0.15 collapsed to one prototype within 90
 # steps on CIFAR-10), prototypes started larger (gain) so the first steps carry a gradient, and
 # lambda starting near 1, since the thesis's 4 / 2 sent the assignments straight to uniform.
+# CARP keeps its BYOL views here (kNN 74.6 against 37.4 at random-init); the CIFAR-10 benchmark
+# gives it CARL's views (--views carl), with which it learned far faster at 32 px.
 DEFAULTS = {
     "carl": dict(optimizer="sgd", lr=0.6, weight_decay=5e-4, epochs=200, batch_size=256,
                  num_prototypes=100, block_size=None, lam_start=4.0, lam_end=1.5, lam_epochs=100,
