@@ -6,7 +6,9 @@
   jitter (p=0.8), grayscale (p=0.2); blur p=1.0 / 0.1 and solarize p=0.0 / 0.2 for views 1 / 2.
 Blur is sized to the image: the kernel is ~10% of the side (odd, >= 3) and sigma is the thesis's
 0.1-2.0 px at 224 px scaled by side / 224, so it takes the same share of a 32 px CIFAR image as of
-an ImageNet crop (unscaled, up to 2 px on a 32 px image would blur 7x harder).
+an ImageNet crop (unscaled, up to 2 px on a 32 px image would blur 7x harder). At 32 px that all
+but switches blur off, as SimCLR's CIFAR setup does; the issue asks for pipelines sized to the
+images, and the thesis does not say how it sized its blur for CIFAR.
 """
 import torchvision.transforms as T
 

@@ -61,7 +61,7 @@ DATASET_DEFAULTS = {
 # recipe the thesis's CARL matches, trust-scales every parameter instead.) SGD: one lr for all.
 LARS_EXCLUDED_LR_SCALE = 0.024
 FINAL_LR_RATIO = 0.001  # cosine decay ends at lr / 1000 (0.6 -> 0.0006, 5.4 -> 0.00054)
-MODEL_KEYS = ("method", "arch", "cifar_stem", "num_prototypes")  # must match to resume
+RESUME_KEYS = ("method", "arch", "cifar_stem", "num_prototypes", "views")  # must match to resume
 
 
 def parse_args(argv=None):
@@ -220,9 +220,10 @@ def main(argv=None):
     if os.path.exists(run_path) and not resuming_here:
         fail(f"{run_path} exists; continue it with --resume {run_path}, or pick another --out-dir")
     if ckpt is not None:
-        for key in MODEL_KEYS:
-            if ckpt["args"].get(key) != getattr(args, key):
-                fail(f"{args.resume} was trained with {key}={ckpt['args'].get(key)!r}, "
+        saved = {"views": ckpt["args"].get("method"), **ckpt["args"]}  # before --views: the method's
+        for key in RESUME_KEYS:
+            if saved.get(key) != getattr(args, key):
+                fail(f"{args.resume} was trained with {key}={saved.get(key)!r}, "
                      f"but this run has {key}={getattr(args, key)!r}")
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "off"

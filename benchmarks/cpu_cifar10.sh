@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # CPU sanity scenario (RESULTS.md): ResNet-18 (CIFAR stem) pretrained with CARL and with CARP
 # on a fixed class-balanced 5,000-image subset of the CIFAR-10 train split, one after the other,
-# each with the whole (2-core) machine for ~25 min; then kNN (k=200, T=0.07) with those 5,000 images
-# as the bank and a fixed class-balanced 2,000-image subset of the test split as queries,
-# beside a random-init backbone. Prints one result line per method.
+# each with the whole (2-core) machine for ~25 min (with bf16); then kNN (k=200, T=0.07) with
+# those 5,000 images as the bank and a fixed class-balanced 2,000-image subset of the test split
+# as queries, beside a random-init backbone. Prints one result line per method.
 #
 #   bash benchmarks/cpu_cifar10.sh ../shared/data/cifar10      # ImageFolder tree (train/, test/)
 #   bash benchmarks/cpu_cifar10.sh data                        # torchvision CIFAR-10 (downloads)

@@ -38,6 +38,8 @@ def test_carp_views_are_asymmetric():
 @pytest.mark.parametrize("size,kernel", [(224, 23), (96, 9), (32, 3)])
 def test_blur_is_sized_to_the_image(method, size, kernel):
     views = augment.pretrain_views(method, size, "cifar10")
-    for _, blur in find(views.first, T.GaussianBlur) + find(views.second, T.GaussianBlur):
+    blurs = find(views.first, T.GaussianBlur) + find(views.second, T.GaussianBlur)
+    assert len(blurs) == 2
+    for _, blur in blurs:
         assert blur.kernel_size == (kernel, kernel)
         assert blur.sigma == pytest.approx([0.1 * size / 224, 2.0 * size / 224])

@@ -242,6 +242,7 @@ def test_imagefolder_missing_data_dir(tmp_path, layout):
     (["--method", "carl", "--arch", "resnet50"], r"arch='resnet18'.*arch='resnet50'"),
     (["--method", "carl", "--num-prototypes", "200"], r"num_prototypes=100.*num_prototypes=200"),
     (["--method", "carl", "--no-cifar-stem"], r"cifar_stem=True.*cifar_stem=False"),
+    (["--method", "carl", "--views", "carp"], r"views='carl'.*views='carp'"),
 ])
 def test_resume_from_incompatible_checkpoint(tmp_path, carl_run, argv, match):
     d, fp = existing_run(tmp_path, src=os.path.join(carl_run, "run.pt"))
