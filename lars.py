@@ -10,11 +10,13 @@ ratio: put them in a group with `lars_exclude=True` (see `param_groups`).
 import torch
 
 
-def param_groups(model):
-    """Two groups: weights (decayed, LARS-adapted) and 1-d biases/BatchNorm (neither)."""
+def param_groups(model, excluded_lr_scale=1.0):
+    """Two groups: weights (decayed, LARS-adapted) and 1-d biases/BatchNorm (neither). Each
+    carries `lr_scale`, the factor a schedule multiplies its lr by (excluded_lr_scale for the 1-d group)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+    return [{"params": decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "lr_scale": excluded_lr_scale}]
 
 
 class LARS(torch.optim.Optimizer):

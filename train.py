@@ -39,10 +39,10 @@ import model as models
 DEFAULTS = {
     "carl": dict(optimizer="sgd", lr=0.6, weight_decay=5e-4, epochs=200, batch_size=256,
                  num_prototypes=100, block_size=None, lam_start=4.0, lam_end=1.5, lam_epochs=100,
-                 proto_init_gain=1.0),
+                 proto_init_gain=1.0, views="carl"),
     "carp": dict(optimizer="lars", lr=5.4, weight_decay=1e-6, epochs=200, batch_size=256,
                  num_prototypes=3000, block_size=250, lam_start=2.0, lam_end=0.15, lam_epochs=30,
-                 proto_init_gain=1.0),
+                 proto_init_gain=1.0, views="carp"),
 }
 DATASET_DEFAULTS = {
     ("carl", "cifar100"): dict(num_prototypes=300),
@@ -124,7 +124,6 @@ def resolve(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.views = args.views or args.method
     args.image_size = args.image_size or data.IMAGE_SIZE[args.dataset]
     if args.cifar_stem is None:
         args.cifar_stem = args.image_size <= 64
@@ -195,11 +194,10 @@ def setup_distributed():
 
 
 def build_optimizer(args, model, lr):
-    groups = lars.param_groups(model)
     if args.optimizer == "lars":
-        groups[1]["lr_scale"] = LARS_EXCLUDED_LR_SCALE
+        groups = lars.param_groups(model, excluded_lr_scale=LARS_EXCLUDED_LR_SCALE)
         return lars.LARS(groups, lr=lr, weight_decay=args.weight_decay, momentum=0.9)
-    return torch.optim.SGD(groups, lr=lr, weight_decay=args.weight_decay, momentum=0.9)
+    return torch.optim.SGD(lars.param_groups(model), lr=lr, weight_decay=args.weight_decay, momentum=0.9)
 
 
 def cpu_has_native_bf16():
@@ -295,7 +293,7 @@ def main(argv=None):
         for it, ((view_a, view_b), _) in enumerate(loader):
             step = epoch * steps_per_epoch + it
             for group in optimizer.param_groups:
-                group["lr"] = float(lrs[step]) * group.get("lr_scale", 1.0)
+                group["lr"] = float(lrs[step]) * group.get("lr_scale", 1.0)  # absent in older run.pt
             x = torch.cat([view_a, view_b]).to(device, non_blocking=True, memory_format=torch.channels_last)
             with autocast:
                 logits = net(x)  # (2 * local batch, K)
