@@ -29,7 +29,6 @@ import torch.nn.functional as F
 import augment
 import data
 import model as models
-import train
 
 PROTOCOLS = ("knn", "linear", "semi", "finetune")
 SEMI_FRACTIONS = (0.01, 0.10)
@@ -79,7 +78,7 @@ def parse_args(argv=None):
 def load_weights(path):
     """(backbone state_dict, stored train args, epochs done) from a run.pt, or (state_dict, {}, None)
     from a backbone.pt; one clear error line for anything else."""
-    ckpt = train.load_checkpoint(path, keys=())
+    ckpt = models.load_checkpoint(path, keys=())
     if "model" in ckpt and "args" in ckpt:  # run.pt
         return models.load_backbone_state(ckpt["model"]), ckpt["args"], ckpt.get("epoch")
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):  # backbone.pt

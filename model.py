@@ -5,6 +5,9 @@
 The backbone is a plain torchvision ResNet with `fc` replaced by Identity, so its state_dict
 loads into `torchvision.models.resnet18()` (after the same stem change) with only `fc` missing.
 """
+import os
+import re
+
 import torch
 import torch.nn as nn
 import torchvision
@@ -77,6 +80,21 @@ def load_backbone_state(ckpt_state):
     if any(k.startswith("backbone.") for k in ckpt_state):
         return {k[len("backbone."):]: v for k, v in ckpt_state.items() if k.startswith("backbone.")}
     return dict(ckpt_state)
+
+
+def load_checkpoint(path, keys=("model", "args")):
+    """torch.load(weights_only=True) of a dict holding `keys`; one clear error for a missing or
+    unreadable file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, unsafe pickle...
+        first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])[:200]  # drop ANSI colours
+        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {first_line}")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+        raise SystemExit(f"error: {path} is not a run.pt written by train.py (no 'model'/'args' entries)")
+    return ckpt
 
 
 if __name__ == "__main__":  # quick shape check: python model.py

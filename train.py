@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import re
 import time
 
 import numpy as np
@@ -139,21 +138,6 @@ def resolve(args):
     return args
 
 
-def load_checkpoint(path, keys=("model", "args")):
-    """torch.load(weights_only=True) of a dict holding `keys`; one clear error for a missing or
-    unreadable file."""
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, unsafe pickle...
-        first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])[:200]  # drop ANSI colours
-        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
-        fail(f"{path} is not a run.pt written by train.py (no 'model'/'args' entries)")
-    return ckpt
-
-
 def atomic_save(obj, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = f"{path}.tmp"
@@ -213,7 +197,7 @@ def main(argv=None):
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     run_path = os.path.join(args.out_dir, "run.pt")
-    ckpt = load_checkpoint(args.resume) if args.resume else None
+    ckpt = models.load_checkpoint(args.resume) if args.resume else None
     resuming_here = ckpt is not None and os.path.realpath(args.resume) == os.path.realpath(run_path)
     if os.path.exists(run_path) and not resuming_here:
         fail(f"{run_path} exists; continue it with --resume {run_path}, or pick another --out-dir")
