@@ -2,24 +2,32 @@
 
     python evaluate.py --ckpt out/run.pt                                  # kNN + linear probe
     python evaluate.py --ckpt out/run.pt --protocol knn semi finetune --random-init
-    python evaluate.py --ckpt out/run.pt --dataset cifar100               # transfer
+    python evaluate.py --ckpt out/run.pt --protocol linear-aug            # the thesis's linear protocol
+    python evaluate.py --ckpt out/run.pt --dataset cifar100               # transfer (probes: 50 epochs)
     python evaluate.py --ckpt out/backbone.pt --arch resnet18 --dataset cifar10
     python evaluate.py --ckpt out/run.pt --dataset cifar10 --train-subset 5000 --test-subset 2000  # CPU
 
 Protocols (thesis / InstDisc / DINO eval_knn conventions):
-  knn       frozen L2-normalised features, cosine similarity, votes weighted exp(sim / T), k = 200 and 20
-  linear    frozen backbone, nn.Linear on standardised features, SGD + cosine (--linear-aug: crop/flip)
-  semi      backbone + linear layer fine-tuned on class-balanced 1% and 10% label subsets, saved as
-            <ckpt dir>/subset_<dataset>_<pct>pct_seed<seed>.txt and reused
-  finetune  the same on 100% of the labels
-Architecture, stem, image size and dataset come from the checkpoint's stored args unless a flag
-overrides them; a backbone.pt (plain torchvision state_dict) has none, so they come from the flags.
+  knn         frozen L2-normalised features, cosine similarity, votes weighted exp(sim / T), k = 200 and 20
+  linear      frozen backbone, nn.Linear on standardised precomputed features of the unaugmented
+              images, SGD + cosine: fast, for comparing runs
+  linear-aug  the thesis's probe (4.2.1, 5.6: He et al.'s MoCo protocol): the same head trained on
+              features of fresh random-resized-crop + flip views every epoch, backbone frozen in eval
+              mode (BatchNorm statistics untouched); quote this one beside the thesis's numbers
+  semi        backbone + linear layer fine-tuned on class-balanced 1% and 10% label subsets, saved as
+              <ckpt dir>/subset_<dataset>_<pct>pct_seed<seed>.txt and reused
+  finetune    the same on 100% of the labels
+Linear probes train 100 epochs, or 50 when evaluating on another dataset than the pretraining one
+(thesis 5.7.2). Architecture, stem, image size and dataset come from the checkpoint's stored args
+unless a flag overrides them; a backbone.pt (plain torchvision state_dict) has none, so they come
+from the flags, the weights (stem) and the images (size).
 Prints a table and appends one JSON line per result to <ckpt dir>/eval.jsonl.
 """
 import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -30,8 +38,9 @@ import augment
 import data
 import model as models
 
-PROTOCOLS = ("knn", "linear", "semi", "finetune")
+PROTOCOLS = ("knn", "linear", "linear-aug", "semi", "finetune")
 SEMI_FRACTIONS = (0.01, 0.10)
+PROGRESS_SECONDS = 20  # at most one progress line this often
 
 
 def fail(msg):
@@ -48,7 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=None, help=f"{', '.join(models.ARCHS)} (default: the checkpoint's, else resnet18)")
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem (default: the checkpoint's, else read from conv1's kernel size)")
-    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's, else the dataset's")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: the checkpoint's; for a backbone.pt the images' own size when they are small "
+                        "(<= 64 px) or the stem is the cifar one, else the dataset's")
     p.add_argument("--train-subset", type=int, default=None,
                    help="a fixed class-balanced subset of this many labelled train images (kNN bank, probe "
                         "and fine-tuning pool)")
@@ -57,13 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--random-init", action="store_true", help="also evaluate an untrained backbone, for comparison")
     p.add_argument("--knn-k", type=int, nargs="+", default=[200, 20], help="neighbours")
     p.add_argument("--knn-t", type=float, default=0.07, help="kNN vote temperature")
-    p.add_argument("--linear-epochs", type=int, default=100)
-    p.add_argument("--linear-lr", type=float, default=0.1)
-    p.add_argument("--linear-aug", action="store_true",
-                   help="train the probe on random-crop/flip views (features recomputed per batch; slower)")
+    p.add_argument("--linear-epochs", type=int, default=None,
+                   help="linear and linear-aug (default: 100, or 50 on another dataset than the pretraining one)")
+    p.add_argument("--linear-lr", type=float, default=0.1, help="linear and linear-aug")
     p.add_argument("--finetune-epochs", type=int, default=50, help="semi and finetune")
     p.add_argument("--finetune-lr", type=float, default=0.05, help="semi and finetune")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="linear, semi and finetune")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="linear, linear-aug, semi and finetune")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the semi-supervised label subsets")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
@@ -87,7 +97,13 @@ def load_weights(path):
 
 
 def resolve(args, stored, state):
-    """Unset flags from the checkpoint's args, else defaults; check them before any work."""
+    """Unset flags from the checkpoint's args, else defaults; check them before any work. The image
+    size, when neither --image-size nor the checkpoint gives it, waits for the images (choose_image_size)."""
+    for key in ("image_size", "batch_size", "linear_epochs", "finetune_epochs", "train_subset", "test_subset"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            fail(f"--{key.replace('_', '-')} must be positive")
+    if min(args.knn_k) <= 0:
+        fail("--knn-k must be positive")
     args.pretrain_dataset = stored.get("dataset")  # None for a backbone.pt
     args.dataset = args.dataset or stored.get("dataset", "synthetic")
     if args.dataset not in data.DATASETS:
@@ -96,19 +112,29 @@ def resolve(args, stored, state):
     args.arch = args.arch or stored.get("arch", "resnet18")
     if args.arch not in models.ARCHS:
         fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(models.ARCHS)}")
-    args.image_size = args.image_size or stored.get("image_size") or data.IMAGE_SIZE[args.dataset]
     if args.cifar_stem is None:
         args.cifar_stem = stored.get("cifar_stem")
     if args.cifar_stem is None and "conv1.weight" in state:
         args.cifar_stem = state["conv1.weight"].shape[-1] == 3  # (64, 3, 3, 3) cifar, (64, 3, 7, 7) imagenet
-    if args.cifar_stem is None:
-        args.cifar_stem = args.image_size <= 64
-    for key in ("image_size", "batch_size", "linear_epochs", "finetune_epochs", "train_subset", "test_subset"):
-        if getattr(args, key) is not None and getattr(args, key) <= 0:
-            fail(f"--{key.replace('_', '-')} must be positive")
-    if min(args.knn_k) <= 0:
-        fail("--knn-k must be positive")
+    args.transfer = args.pretrain_dataset is not None and args.dataset != args.pretrain_dataset
+    if args.linear_epochs is None:  # thesis 5.7.2: 50 epochs for the cross-domain probes; 4.2.1 / 6.4.1: 100
+        args.linear_epochs = 50 if args.transfer else 100
     return args
+
+
+def choose_image_size(args, stored, first_image):
+    """(input size, where it came from): --image-size, else the run's training size, else the images'
+    own size (short side of the first train image) when they are small or the stem is the cifar one
+    (at the 224 px ImageFolder default a cifar-stem net would see 32 px images upsampled 7x: ~50x the
+    compute, and another input distribution than it learned on), else the dataset's default."""
+    own = min(first_image.size)  # PIL size is (width, height)
+    if args.image_size:
+        return args.image_size, "--image-size"
+    if stored.get("image_size"):
+        return stored["image_size"], "the checkpoint's training size"
+    if own <= 64 or args.cifar_stem:
+        return own, "the images' own size"
+    return data.IMAGE_SIZE[args.dataset], f"the {args.dataset} default"
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -169,16 +195,31 @@ def make_loader(ds, batch_size, workers, device, shuffle=False, seed=0, drop_las
                                        generator=torch.Generator().manual_seed(seed))
 
 
+def progress(steps, label):
+    """Yield from `steps` (epochs, batches: anything with a len), printing "<label> i/n, 4.1 min,
+    eta 30.2 min" at most every PROGRESS_SECONDS and after the last step once a line was printed:
+    long steps show they are alive, short ones print nothing."""
+    n = len(steps)
+    start = last = time.monotonic()
+    for i, step in enumerate(steps, 1):
+        yield step
+        now = time.monotonic()
+        if now - last >= PROGRESS_SECONDS or (i == n and last > start):
+            eta = (now - start) / i * (n - i)
+            print(f"{label} {i}/{n}, {(now - start) / 60:.1f} min, eta {eta / 60:.1f} min", flush=True)
+            last = now
+
+
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
-def extract_features(net, loader, device):
-    """net's outputs for every batch of loader, in eval mode: (outputs (N, F) float32, labels (N,)) on device."""
+def extract_features(net, batches, device):
+    """net's outputs for every (x, y) of batches, in eval mode: (outputs (N, F) float32, labels (N,)) on device."""
     net.eval()
     outs, labels = [], []
-    for x, y in loader:
+    for x, y in batches:
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         with autocast(device):
             outs.append(net(x).float())  # (B, F)
@@ -215,12 +256,14 @@ def sgd_cosine(params, lr, weight_decay, total_steps):
 
 
 def train_linear(train_feats, train_labels, num_classes, epochs=100, lr=0.1, batch_size=256, weight_decay=0.0,
-                 seed=0, aug_batches=None):
+                 seed=0, aug_batches=None, label="linear"):
     """Linear probe: nn.Linear(F, C) trained with cross-entropy on standardised features, returned with
     the standardisation folded into its weights, so it takes raw features (N, F).
 
-    aug_batches (--linear-aug): a function returning one epoch of (feats (B, F), labels (B,)) of freshly
-    augmented images; train_feats (of unaugmented images) then only give the standardisation statistics."""
+    aug_batches (linear-aug): a function returning one epoch of (feats (B, F), labels (B,)) of freshly
+    augmented images; train_feats (of unaugmented images) then only give the standardisation statistics.
+    SGD + cosine for both: the thesis names He et al.'s protocol but not its optimiser, and MoCo's lr 30
+    (x0.1 at epochs 60 and 80) suits the scale of its raw features, which the standardisation removes."""
     mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)  # (F,) each
     head = nn.Linear(train_feats.shape[1], num_classes).to(train_feats.device)
     steps_per_epoch = math.ceil(len(train_feats) / batch_size)
@@ -232,7 +275,7 @@ def train_linear(train_feats, train_labels, num_classes, epochs=100, lr=0.1, bat
             idx = idx.to(train_feats.device)
             yield train_feats[idx], train_labels[idx]
 
-    for _ in range(epochs):
+    for _ in progress(range(epochs), f"{label}: epoch"):
         for feats, labels in (aug_batches or shuffled_batches)():
             loss = F.cross_entropy(head((feats - mean) / std), labels)
             opt.zero_grad(set_to_none=True)
@@ -245,11 +288,11 @@ def train_linear(train_feats, train_labels, num_classes, epochs=100, lr=0.1, bat
     return head
 
 
-def finetune(backbone, head, loader, epochs, lr, weight_decay, device):
+def finetune(backbone, head, loader, epochs, lr, weight_decay, device, label="finetune"):
     """Train backbone (BatchNorm in train mode) and head together with cross-entropy, in place."""
     net = nn.Sequential(backbone, head).to(device, memory_format=torch.channels_last).train()
     opt, sched = sgd_cosine(net.parameters(), lr, weight_decay, epochs * len(loader))
-    for _ in range(epochs):
+    for _ in progress(range(epochs), f"{label}: epoch"):
         for x, y in loader:
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
             with autocast(device):
@@ -289,6 +332,10 @@ def main(argv=None):
     train_set, train_labels = labelled_split(args, "train", args.train_subset)
     test_set, test_labels = labelled_split(args, "test", args.test_subset)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    first_image = train_set[0][0]  # PIL
+    args.image_size, size_from = choose_image_size(args, stored, first_image)
+    if args.cifar_stem is None:  # no checkpoint args and no conv1 to read it from
+        args.cifar_stem = args.image_size <= 64
     eval_tf = augment.eval_view(args.image_size, args.dataset)
     train_tf = augment.train_view(args.image_size, args.dataset)
     bs, nw = args.batch_size, args.workers
@@ -299,9 +346,18 @@ def main(argv=None):
         label_fractions += [("semi", f) for f in SEMI_FRACTIONS]
     if "finetune" in args.protocol:
         label_fractions.append(("finetune", 1.0))
+    linear_probes = [p for p in ("linear", "linear-aug") if p in args.protocol]
+    probe_epochs = (f"linear probes {args.linear_epochs} epochs{' (transfer)' if args.transfer else ''}, "
+                    if linear_probes else "")
     print(f"evaluating {args.ckpt} ({args.arch}, {'cifar' if args.cifar_stem else 'imagenet'} stem, "
-          f"{args.image_size} px, pretrained on {args.pretrain_dataset or 'unknown'}) on {args.dataset}: "
-          f"{len(train_set)} train / {len(test_set)} test images, {num_classes} classes, {device.type}", flush=True)
+          f"pretrained on {args.pretrain_dataset or 'unknown'}) on {args.dataset} at {args.image_size} px "
+          f"({size_from}): {len(train_set)} train / {len(test_set)} test images, {num_classes} classes, "
+          f"{probe_epochs}{device.type}", flush=True)
+    scale = args.image_size / min(first_image.size)
+    if not 0.5 <= scale <= 2:  # far from the images' own size: costly upsampling or lost detail
+        w, h = first_image.size
+        print(f"warning: the images are {w}x{h} px (the first train image) and get resized {scale:.2g}x to "
+              f"{args.image_size} px; --image-size sets the input size", file=sys.stderr, flush=True)
 
     log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.jsonl")
     results = []  # (backbone name, row, top1, top5)
@@ -312,8 +368,9 @@ def main(argv=None):
         rec = {"ckpt": os.path.abspath(args.ckpt), "ckpt_epoch": ckpt_epoch,
                "pretrain_dataset": args.pretrain_dataset, "dataset": args.dataset, "protocol": protocol,
                "setting": setting, "settings": {"arch": args.arch, "cifar_stem": args.cifar_stem,
-                                                "image_size": args.image_size, "train_images": len(train_set),
-                                                "test_images": len(test_set), **settings},
+                                                "image_size": args.image_size, "image_size_from": size_from,
+                                                "train_images": len(train_set), "test_images": len(test_set),
+                                                **settings},
                "top1": round(top1, 2), "top5": round(top5, 2), "random_init": name == "random-init",
                "seconds": round(seconds, 1)}
         with open(log_path, "a") as f:
@@ -323,10 +380,12 @@ def main(argv=None):
     backbones = [("trained", state)] + ([("random-init", None)] if args.random_init else [])
     for name, weights in backbones:
         backbone, feat_dim = build_backbone(args, weights, device)
-        if "knn" in args.protocol or "linear" in args.protocol:  # frozen features of unaugmented images
+        if "knn" in args.protocol or linear_probes:  # frozen features of unaugmented images
             t0 = time.time()
-            train_feats, train_y = extract_features(backbone, train_eval_loader, device)  # (N_train, F), (N_train,)
-            test_feats, test_y = extract_features(backbone, test_loader, device)  # (N_test, F), (N_test,)
+            train_feats, train_y = extract_features(  # (N_train, F), (N_train,)
+                backbone, progress(train_eval_loader, f"{name} features, train split: batch"), device)
+            test_feats, test_y = extract_features(  # (N_test, F), (N_test,)
+                backbone, progress(test_loader, f"{name} features, test split: batch"), device)
             t_feats = time.time() - t0
 
         if "knn" in args.protocol:
@@ -337,21 +396,20 @@ def main(argv=None):
                 report(name, "knn", f"k={k}", top1, top5, t_feats + time.time() - t0,
                        k=min(k, len(train_feats)), T=args.knn_t)
 
-        if "linear" in args.protocol:
+        for protocol in linear_probes:
             t0 = time.time()
             aug_batches = None
-            if args.linear_aug:  # frozen backbone in eval mode, features of fresh crops every batch
+            if protocol == "linear-aug":  # backbone frozen in eval mode, features of fresh crop/flip views per batch
                 aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device, shuffle=True, seed=args.seed)
                 aug_batches = lambda: (extract_features(backbone, [b], device) for b in aug_loader)  # (B, F), (B,)
 
             torch.manual_seed(args.seed)
             head = train_linear(train_feats, train_y, num_classes, args.linear_epochs, args.linear_lr, bs,
-                                args.weight_decay, args.seed, aug_batches)
+                                args.weight_decay, args.seed, aug_batches, label=f"{name} {protocol}")
             with torch.no_grad():
                 top1, top5 = topk_accuracy(head(test_feats), test_y)
-            report(name, "linear", "aug" if args.linear_aug else "", top1, top5, t_feats + time.time() - t0,
-                   epochs=args.linear_epochs, lr=args.linear_lr, weight_decay=args.weight_decay, batch_size=bs,
-                   aug=args.linear_aug)
+            report(name, protocol, "", top1, top5, t_feats + time.time() - t0, epochs=args.linear_epochs,
+                   lr=args.linear_lr, weight_decay=args.weight_decay, batch_size=bs)
 
         for protocol, fraction in label_fractions:
             t0 = time.time()
@@ -364,8 +422,11 @@ def main(argv=None):
             head = nn.Linear(feat_dim, num_classes)
             ft_loader = make_loader(Transformed(ft_set, train_tf), bs, nw, device, shuffle=True, seed=args.seed,
                                     drop_last=len(ft_set) > bs)  # no 1-image BatchNorm batch at an epoch's end
-            net = finetune(backbone, head, ft_loader, args.finetune_epochs, args.finetune_lr, args.weight_decay, device)
-            scores, labels = extract_features(net, test_loader, device)  # (N_test, C), (N_test,)
+            what = f"{name} {protocol} {100 * fraction:g}%"
+            net = finetune(backbone, head, ft_loader, args.finetune_epochs, args.finetune_lr, args.weight_decay, device,
+                           label=what)
+            scores, labels = extract_features(  # (N_test, C), (N_test,)
+                net, progress(test_loader, f"{what}, test split: batch"), device)
             top1, top5 = topk_accuracy(scores, labels)
             report(name, protocol, f"{100 * fraction:g}%", top1, top5, time.time() - t0, labels=len(ft_set),
                    subset_file=subset_file, subset_seed=args.subset_seed if subset_file else None,

@@ -3,15 +3,30 @@ checkpoint from a 1-epoch `synthetic` training run. CPU only; python -m pytest -
 import argparse
 import json
 import os
+import types
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import evaluate
+import model as models
 import train
 
 TINY = ["--train-subset", "50", "--test-subset", "50", "--batch-size", "32", "--workers", "0"]
+
+
+def image_tree(root, px, per_class=3):
+    """An ImageFolder tree of random px x px PNGs: train/ and test/, each with classes a and b."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
 
 
 def blobs(num_classes, per_class, dim=32, seed=0, spread=0.3):
@@ -111,6 +126,28 @@ def test_linear_probe_separable_features():
     assert top1 >= 95 and top5 == 100
 
 
+def test_progress_is_throttled_by_time(monkeypatch, capsys):
+    ticks = iter([0, 5, 25, 30, 31])  # start, then after each of 4 steps (seconds)
+    monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))
+    assert list(evaluate.progress(range(4), "x: epoch")) == [0, 1, 2, 3]
+    # step 1 (5 s) is too soon; step 2 (25 s) prints; step 3 (30 s) is too soon; the last always follows
+    assert capsys.readouterr().out.splitlines() == ["x: epoch 2/4, 0.4 min, eta 0.4 min",
+                                                    "x: epoch 4/4, 0.5 min, eta 0.0 min"]
+    ticks = iter([0, 1, 2])
+    list(evaluate.progress(range(2), "short"))  # over before the first interval: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_linear_epochs_default_100_or_50_on_transfer():
+    def epochs(argv, stored):
+        return evaluate.resolve(evaluate.parse_args(["--ckpt", "x", *argv]), stored, {}).linear_epochs
+
+    assert epochs([], {"dataset": "cifar10"}) == 100
+    assert epochs(["--dataset", "cifar100"], {"dataset": "cifar10"}) == 50  # thesis 5.7.2
+    assert epochs(["--dataset", "cifar100", "--linear-epochs", "7"], {"dataset": "cifar10"}) == 7
+    assert epochs(["--dataset", "cifar100"], {}) == 100  # a backbone.pt: pretraining dataset unknown
+
+
 # ---------------------------------------------------------------- CLI end to end
 
 @pytest.fixture(scope="module")
@@ -127,7 +164,8 @@ def read_records(path):
         return [json.loads(line) for line in f]
 
 
-def test_end_to_end_all_protocols(run_dir, capsys):
+def test_end_to_end_all_protocols(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0)  # a progress line after every step
     results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", "semi", "finetune",
                              "--linear-epochs", "5", "--finetune-epochs", "1", *TINY])
     out = capsys.readouterr().out
@@ -137,6 +175,9 @@ def test_end_to_end_all_protocols(run_dir, capsys):
     for row in rows:
         assert f"\n{row} " in table
     assert [r[1] for r in results] == rows
+    for line in ["trained features, train split: batch 2/2, ", "trained linear: epoch 5/5, ",
+                 "trained semi 10%: epoch 1/1, ", "trained finetune 100%, test split: batch 2/2, "]:
+        assert f"\n{line}" in out, line
 
     records = read_records(run_dir / "eval.jsonl")[-6:]
     assert [(r["protocol"], r["setting"]) for r in records] == [
@@ -167,6 +208,71 @@ def test_backbone_pt_loads_with_stem_detected(run_dir, capsys):
     assert "pretrained on unknown" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="does not fit --arch resnet18 without the cifar stem"):
         evaluate.main(["--ckpt", str(run_dir / "backbone.pt"), "--no-cifar-stem", *knn])
+
+
+def test_thesis_probe_linear_aug(run_dir, capsys, monkeypatch):
+    """linear-aug: crop/flip views through the frozen backbone, which stays in eval mode (its BatchNorm
+    statistics untouched), recorded as its own protocol beside the fast probe."""
+    built = []
+    build = evaluate.build_backbone
+
+    def keep_copy(*a):
+        net, feat_dim = build(*a)
+        built.append((net, {k: v.clone() for k, v in net.state_dict().items()}))
+        return net, feat_dim
+
+    monkeypatch.setattr(evaluate, "build_backbone", keep_copy)
+    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0)
+    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "linear", "linear-aug",
+                             "--linear-epochs", "2", *TINY])
+    assert [r[1] for r in results] == ["linear", "linear-aug"]
+    records = read_records(run_dir / "eval.jsonl")[-2:]
+    assert [(r["protocol"], r["setting"], r["settings"]["epochs"]) for r in records] == [
+        ("linear", "", 2), ("linear-aug", "", 2)]
+    assert "\ntrained linear-aug: epoch 2/2, " in capsys.readouterr().out
+    (net, before), = built
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key  # running_mean, running_var, num_batches_tracked too
+
+
+def test_image_size_from_what_it_knows(run_dir, tmp_path, capsys):
+    """--image-size, else a run.pt's training size, else the images' own size when they are small or
+    the stem is the cifar one, else the dataset's default; warned when images get resized over 2x."""
+    small, large = image_tree(tmp_path / "small", 32), image_tree(tmp_path / "large", 72, per_class=2)
+    knn = ["--dataset", "imagefolder", "--protocol", "knn", "--knn-k", "3", "--workers", "0"]
+
+    def first_line_and_warning(ckpt, data_dir, *argv):
+        evaluate.main(["--ckpt", str(ckpt), "--data-dir", str(data_dir), *knn, *argv])
+        out, err = capsys.readouterr()
+        return out.splitlines()[0], err
+
+    # the user report: a cifar-stem backbone.pt over 32 px images runs at 32 px, not the 224 default
+    line, err = first_line_and_warning(run_dir / "backbone.pt", small)
+    assert "cifar stem" in line and "on imagefolder at 32 px (the images' own size)" in line and err == ""
+    assert read_records(run_dir / "eval.jsonl")[-1]["settings"]["image_size"] == 32
+    line, err = first_line_and_warning(run_dir / "backbone.pt", small, "--image-size", "80")
+    assert "at 80 px (--image-size)" in line
+    assert err.startswith("warning: the images are 32x32 px") and "resized 2.5x to 80 px" in err
+    line, err = first_line_and_warning(run_dir / "backbone.pt", large)  # not small, but the cifar stem
+    assert "at 72 px (the images' own size)" in line and err == ""
+    # a run.pt: its training size (32), whatever the images
+    line, err = first_line_and_warning(run_dir / "run.pt", large)
+    assert "at 32 px (the checkpoint's training size)" in line and "resized 0.44x to 32 px" in err  # 2.25x down
+    # an imagenet-stem backbone.pt over large images: the dataset's default
+    torch.save(models.build_backbone("resnet18", False)[0].state_dict(), tmp_path / "imagenet_stem.pt")
+    line, err = first_line_and_warning(tmp_path / "imagenet_stem.pt", large)
+    assert "imagenet stem" in line and "at 224 px (the imagefolder default)" in line
+    assert err.startswith("warning: the images are 72x72 px") and "resized 3.1x" in err
+
+
+def test_transfer_probe_trains_50_epochs(run_dir, tmp_path, capsys):
+    tree = image_tree(tmp_path / "tree", 32)
+    evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--dataset", "imagefolder", "--data-dir", str(tree),
+                   "--protocol", "linear", "--workers", "0"])
+    assert "linear probes 50 epochs (transfer)" in capsys.readouterr().out.splitlines()[0]
+    record = read_records(run_dir / "eval.jsonl")[-1]
+    assert (record["pretrain_dataset"], record["dataset"], record["protocol"]) == ("synthetic", "imagefolder", "linear")
+    assert record["settings"]["epochs"] == 50
 
 
 def test_random_init_column(run_dir, capsys):
@@ -226,7 +332,7 @@ def test_corrupt_checkpoints(tmp_path, run_dir):
 
 
 def test_unknown_protocol(run_dir):
-    message = "^error: unknown --protocol 'kmeans'; choose from knn, linear, semi, finetune$"
+    message = "^error: unknown --protocol 'kmeans'; choose from knn, linear, linear-aug, semi, finetune$"
     with pytest.raises(SystemExit, match=message):
         evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "kmeans"])
 
