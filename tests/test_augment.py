@@ -128,7 +128,7 @@ def test_blur_matches_torchvision_per_sample_sigma(img, kernel):
 
 
 @pytest.mark.parametrize("shape,size", [((32, 32), 32), ((40, 48), 32), ((96, 96), 96), ((120, 100), 96),
-                                        ((32, 32), 64)])
+                                        ((32, 32), 64), ((32, 39), 32)])  # the last: crop only, 3.5 px off centre
 def test_eval_batch_matches_eval_view(shape, size):
     x = torch.randint(0, 256, (3, 3, *shape), dtype=torch.uint8, generator=gen(1))
     out = augment.eval_batch(x, size, "cifar10")
