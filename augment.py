@@ -6,8 +6,8 @@
   the training device (GPU, or CPU on a CPU run), with per-sample random parameters drawn from a
   torch.Generator, torch ops only and no host-device synchronisation. Each op matches
   torchvision.transforms.functional on float tensors, and the random parameters follow
-  torchvision's samplers; the PIL path differs only by rounding to uint8 between ops and by PIL's
-  own colour maths.
+  torchvision's samplers; the PIL path differs only by rounding to uint8 between ops, by PIL's
+  own colour maths, and by antialiasing crops larger than the output (the batched crop does not).
 Both read their settings from the table `VIEWS`.
 
 - CARL (thesis 5.8.3, SimCLR-style): random resized crop (8%-100% of the area), flip,
