@@ -1,7 +1,11 @@
-"""View pipelines: output shapes, the CARP asymmetry, and blur sized to the image."""
+"""View pipelines: output shapes, the CARP asymmetry, and blur sized to the image; the batched
+pipelines against torchvision: each op, the random parameters' distributions, determinism."""
+import itertools
+
 import pytest
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 import augment
@@ -43,3 +47,273 @@ def test_blur_is_sized_to_the_image(method, size, kernel):
     for _, blur in blurs:
         assert blur.kernel_size == (kernel, kernel)
         assert blur.sigma == pytest.approx([0.1 * size / 224, 2.0 * size / 224])
+
+
+# ---------------------------------------------------------------- batched views (augment.batch_*)
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def per_sample(fn, img, *params):
+    """fn applied to each image of a batch with its own python-number parameters."""
+    return torch.stack([fn(img[i], *[p[i].item() for p in params]) for i in range(len(img))])
+
+
+@pytest.fixture
+def img():
+    return torch.rand(6, 3, 20, 24, generator=gen(0))
+
+
+@pytest.mark.parametrize("size", [24, 32, 48])
+def test_resized_crop_and_flip_match_torchvision(img, size):
+    # all crops <= size in both sides: upsampling, where grid_sample and antialias=True agree
+    top, left = torch.tensor([0, 3, 5, 0, 10, 2]), torch.tensor([0, 4, 0, 7, 1, 2])
+    h, w = torch.tensor([20, 10, 15, 5, 10, 18]), torch.tensor([24, 12, 20, 17, 14, 3])
+    flip = torch.tensor([0, 1, 0, 1, 1, 0]).bool()
+    out = augment.resized_crop(img, top, left, h, w, size, flip)
+
+    def ref(x, t, l, hh, ww, f):
+        x = TF.resized_crop(x, t, l, hh, ww, [size, size], antialias=True)
+        return TF.hflip(x) if f else x
+    assert out.shape == (6, 3, size, size)
+    torch.testing.assert_close(out, per_sample(ref, img, top, left, h, w, flip), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,factors", [
+    ("adjust_brightness", [0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
+    ("adjust_contrast", [0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
+    ("adjust_saturation", [0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
+    ("adjust_hue", [-0.5, -0.2, 0.0, 0.05, 0.3, 0.5]),
+])
+def test_colour_ops_match_torchvision(img, name, factors):
+    factors = torch.tensor(factors)
+    out = getattr(augment, name)(img, factors)
+    torch.testing.assert_close(out, per_sample(getattr(TF, name), img, factors), atol=1e-5, rtol=0)
+
+
+def test_color_jitter_follows_each_samples_order(img):
+    order = torch.stack([torch.tensor(p) for p in itertools.permutations(range(4))][::4])  # (6, 4)
+    b, c, s = torch.tensor([0.6, 1.4, 0.9, 1.2, 0.5, 1.8]), torch.tensor([1.3, 0.5, 1.7, 0.8, 1.1, 0.2]), \
+        torch.tensor([0.2, 1.6, 0.7, 1.9, 1.0, 0.4])
+    hue = torch.tensor([0.1, -0.1, 0.2, -0.3, 0.05, 0.4])
+    apply = torch.tensor([1, 1, 1, 1, 1, 0]).bool()
+    out = augment.color_jitter(img, b, c, s, hue, order, apply)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(6):
+        ref = img[i]
+        for op in order[i].tolist() if apply[i] else []:
+            ref = ops[op](ref, [b, c, s, hue][op][i].item())
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+    assert torch.equal(out[5], img[5])  # jitter not applied: untouched, bit for bit
+    assert not torch.allclose(out[0], augment.color_jitter(img, b, c, s, hue, order[[1, 0, 2, 3, 4, 5]])[0])
+
+
+def test_grayscale_solarize_normalize_match_torchvision(img):
+    torch.testing.assert_close(augment.grayscale(img), TF.rgb_to_grayscale(img, num_output_channels=3))
+    out = augment.solarize(img)
+    torch.testing.assert_close(out, TF.solarize(img, 128 / 255))
+    assert (out != img).any() and (out == img).any()
+    mean, std = augment.MEAN_STD["cifar10"]
+    torch.testing.assert_close(augment.normalize(img, mean, std), TF.normalize(img, mean, std))
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 9])
+def test_blur_matches_torchvision_per_sample_sigma(img, kernel):
+    sigma = torch.tensor([0.05, 0.3, 0.8, 1.5, 3.0, 0.6])
+    out = augment.gaussian_blur(img, kernel, sigma)
+    ref = per_sample(lambda x, s: TF.gaussian_blur(x, [kernel, kernel], [s, s]), img, sigma)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert (out[4] - img[4]).abs().max() > 0.05  # the blur does something
+
+
+@pytest.mark.parametrize("shape,size", [((32, 32), 32), ((40, 48), 32), ((96, 96), 96), ((120, 100), 96),
+                                        ((32, 32), 64), ((32, 39), 32)])  # the last: crop only, 3.5 px off centre
+def test_eval_batch_matches_eval_view(shape, size):
+    x = torch.randint(0, 256, (3, 3, *shape), dtype=torch.uint8, generator=gen(1))
+    out = augment.eval_batch(x, size, "cifar10")
+    assert out.shape == (3, 3, size, size) and out.dtype == torch.float32
+    pil = torch.stack([augment.eval_view(size, "cifar10")(Image.fromarray(x[i].permute(1, 2, 0).numpy()))
+                       for i in range(3)])
+    # PIL rounds its resized image to uint8: at most half a level apart, 1/255 / std after normalising
+    assert (out - pil).abs().max() < 1.01 / 255 / min(augment.MEAN_STD["cifar10"][1])
+    if size <= 64 and shape == (size, size):  # nothing to resize: the same numbers
+        torch.testing.assert_close(out, pil)
+    tensor_path = T.Compose([T.Resize(augment._eval_resize(size), antialias=True), T.CenterCrop(size),
+                             T.Normalize(*augment.MEAN_STD["cifar10"])])
+    torch.testing.assert_close(out, per_sample(lambda z: tensor_path(z.float() / 255), x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind,view,size", [("carl", 0, 32), ("carp", 0, 48), ("carp", 1, 48)])
+def test_batch_view_applies_its_parameters_as_torchvision_would(kind, view, size):
+    """apply() against the same steps done one image at a time with torchvision's functional ops, with
+    each step switched on for some samples and off for others."""
+    n = 12
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen(2))
+    bv = augment.batch_view(kind, view, size, "cifar10")
+    p = bv.sample(n, 32, 32, gen(3))
+    i = torch.arange(n)
+    p.update(flip=i % 2 == 0, jitter=i % 3 != 0, gray=i % 4 == 1, blur=i % 2 == 1, solarize=i % 3 == 1,
+             sigma=torch.full((n,), bv.sigma[1]))
+    out = bv.apply(x, p)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for k in range(n):
+        box = [p[key][k].item() for key in ("top", "left", "height", "width")]
+        ref = TF.resized_crop(x[k].float() / 255, *box, [size, size], antialias=True)
+        if p["flip"][k]:
+            ref = TF.hflip(ref)
+        if p["jitter"][k]:
+            for op in p["order"][k].tolist():
+                ref = ops[op](ref, p[["brightness", "contrast", "saturation", "hue"][op]][k].item())
+        if p["gray"][k]:
+            ref = TF.rgb_to_grayscale(ref, 3)
+        if p["blur"][k] and bv.blur_p > 0:
+            ref = TF.gaussian_blur(ref, [bv.kernel] * 2, [bv.sigma[1]] * 2)
+        if p["solarize"][k] and bv.solarize_p > 0:
+            ref = TF.solarize(ref, 128 / 255)
+        ref = TF.normalize(ref, *augment.MEAN_STD["cifar10"])
+        torch.testing.assert_close(out[k], ref, atol=1e-4, rtol=0)
+
+
+# -- the random parameters against torchvision's samplers
+
+N = 20_000
+
+
+@pytest.mark.parametrize("kind", ["carl", "carp"])
+def test_crop_boxes_follow_torchvision(kind):
+    scale, H, W = augment.VIEWS[kind]["scale"], 32, 32
+    top, left, h, w = augment.sample_crop_boxes(N, H, W, scale, augment.RATIO, gen(4))
+    torch.manual_seed(4)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(1, H, W), scale, augment.RATIO)
+                        for _ in range(N // 2)]).T  # (4, N / 2): top, left, h, w
+    assert (h >= 1).all() and (h <= H).all() and (w <= W).all() and (top + h <= H).all() and (left + w <= W).all()
+    for ours, theirs, tol in [((h * w).float() / (H * W), (ref[2] * ref[3]).float() / (H * W), 0.012),  # area
+                              ((w / h).log(), (ref[3] / ref[2]).log(), 0.01),  # log aspect ratio
+                              (top.float() / H, ref[0].float() / H, 0.01)]:
+        assert ours.mean() == pytest.approx(theirs.mean().item(), abs=tol)
+        q = torch.tensor([0.1, 0.5, 0.9])
+        torch.testing.assert_close(ours.quantile(q), theirs.quantile(q), atol=3 * tol, rtol=0)
+
+
+def test_crop_fallback_rate_follows_torchvision():
+    # 30 x 200: ~40% of samples find no box in 10 tries and take the central 30 x 40 crop
+    H, W = 30, 200
+    top, left, h, w = augment.sample_crop_boxes(N, H, W, (0.08, 1.0), augment.RATIO, gen(5))
+    torch.manual_seed(5)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(1, H, W), (0.08, 1.0), augment.RATIO)
+                        for _ in range(5000)])
+    fallback = (top == 0) & (left == 80) & (h == 30) & (w == 40)
+    ref_fallback = (ref == torch.tensor([0, 80, 30, 40])).all(1)
+    assert 0.3 < ref_fallback.float().mean() < 0.55
+    assert fallback.float().mean() == pytest.approx(ref_fallback.float().mean().item(), abs=0.03)
+
+
+@pytest.mark.parametrize("kind", ["carl", "carp"])
+def test_jitter_factors_follow_colorjitter(kind):
+    p = augment.batch_view(kind, 0, 32, "cifar10").sample(N, 32, 32, gen(6))
+    jitter = T.ColorJitter(*augment.VIEWS[kind]["jitter"])
+    torch.manual_seed(6)
+    ref = [jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+           for _ in range(N // 2)]
+    ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+    for i, (name, (low, high)) in enumerate(zip(augment.JITTER_OPS, ranges)):
+        ours, theirs = p[name], torch.tensor([r[i + 1] for r in ref])
+        assert low <= ours.min() < low + 0.01 * (high - low) and high - 0.01 * (high - low) < ours.max() <= high
+        assert ours.mean() == pytest.approx(theirs.mean().item(), abs=0.02 * (high - low))
+        assert ours.std() == pytest.approx(theirs.std().item(), abs=0.02 * (high - low))
+
+
+def test_jitter_order_is_a_uniform_permutation():
+    order = augment.batch_view("carl", 0, 32, "cifar10").sample(N, 32, 32, gen(7))["order"]
+    assert (order.sort(1).values == torch.arange(4)).all()
+    counts = {}
+    for row in order.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert len(counts) == 24
+    assert 0.8 * N / 24 < min(counts.values()) and max(counts.values()) < 1.2 * N / 24
+
+
+@pytest.mark.parametrize("kind,view", [("carl", 0), ("carl", 1), ("carp", 0), ("carp", 1)])
+def test_step_probabilities(kind, view):
+    """Each step's rate over many samples, against the PIL pipeline's own settings."""
+    pil = augment.pretrain_views(kind, 32, "cifar10")
+    pil = pil.first if view == 0 else pil.second
+    blur = find(pil, T.GaussianBlur)[0][0].p
+    solarize = [t.p for t in pil.transforms if isinstance(t, T.RandomSolarize)] or [0.0]
+    jitter = find(pil, T.ColorJitter)[0][0].p
+    gray = [t.p for t in pil.transforms if isinstance(t, T.RandomGrayscale)][0]
+    bv = augment.batch_pretrain_views(kind, 32, "cifar10")
+    p = (bv.first if view == 0 else bv.second).sample(N, 32, 32, gen(8))
+    for step, expected in [("flip", 0.5), ("jitter", jitter), ("gray", gray), ("blur", blur),
+                           ("solarize", solarize[0])]:
+        assert p[step].float().mean() == pytest.approx(expected, abs=0.015), step
+    low, high = find(pil, T.GaussianBlur)[0][1].sigma
+    assert low <= p["sigma"].min() and p["sigma"].max() <= high
+    assert p["sigma"].mean() == pytest.approx((low + high) / 2, abs=0.01 * (high - low))
+
+
+def test_batch_and_pil_views_share_their_settings():
+    for kind in ["carl", "carp"]:
+        pil = augment.pretrain_views(kind, 32, "cifar10")
+        batched = augment.batch_pretrain_views(kind, 32, "cifar10")
+        for view, bv in [(pil.first, batched.first), (pil.second, batched.second)]:
+            crop, = [t for t in view.transforms if isinstance(t, T.RandomResizedCrop)]
+            (_, jitter), = find(view, T.ColorJitter)
+            assert tuple(crop.scale) == bv.scale and tuple(crop.ratio) == augment.RATIO
+            assert (jitter.brightness[1] - 1, jitter.hue[1]) == pytest.approx((bv.jitter[0], bv.jitter[3]))
+
+
+# -- the two views of a batch
+
+@pytest.mark.parametrize("kind", ["carl", "carp"])
+@pytest.mark.parametrize("shape,size", [((32, 32), 32), ((96, 96), 96), ((32, 32), 64), ((40, 56), 32)])
+def test_batch_views_shape_and_determinism(kind, shape, size):
+    x = torch.randint(0, 256, (4, 3, *shape), dtype=torch.uint8, generator=gen(9))
+    views = augment.batch_pretrain_views(kind, size, "cifar10")
+    a, b = views(x, gen(10))
+    assert a.shape == b.shape == (4, 3, size, size) and a.dtype == b.dtype == torch.float32
+    a2, b2 = views(x, gen(10))
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    a3, b3 = views(x, gen(11))
+    assert not torch.equal(a, a3) and not torch.equal(b, b3)
+    assert not torch.equal(a, b)
+    assert augment.eval_batch(x, size, "cifar10").shape == (4, 3, size, size)
+
+
+def test_carp_batch_views_are_asymmetric_and_carl_symmetric():
+    carp = augment.batch_pretrain_views("carp", 32, "cifar10")
+    p1, p2 = carp.first.sample(N, 32, 32, gen(12)), carp.second.sample(N, 32, 32, gen(12))
+    assert p1["blur"].all() and not p1["solarize"].any()
+    assert 0.05 < p2["blur"].float().mean() < 0.15 and 0.15 < p2["solarize"].float().mean() < 0.25
+    # view 2's solarize shows in its output: the same parameters with solarize off give other images
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen(13))
+    p = {**carp.second.sample(16, 32, 32, gen(14)), "jitter": torch.zeros(16, dtype=bool)}  # no dark images
+    changed = (carp.second.apply(x, p) != carp.second.apply(x, {**p, "solarize": torch.zeros(16, dtype=bool)}))
+    assert torch.equal(changed.flatten(1).any(1), p["solarize"]) and p["solarize"].any()
+    carl = augment.batch_pretrain_views("carl", 32, "cifar10")
+    assert carl.first is carl.second
+    q1, q2 = carl.first.sample(N, 32, 32, gen(15)), carl.second.sample(N, 32, 32, gen(16))
+    assert q1["blur"].float().mean() == pytest.approx(q2["blur"].float().mean().item(), abs=0.02)
+
+
+def test_batch_views_do_not_read_tensor_values_on_the_host(monkeypatch):
+    """No .item(), .tolist(), .nonzero(), bool()/int()/float() of a tensor or boolean-mask indexing:
+    on a GPU each of those would wait for the device."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor value")
+    getitem = torch.Tensor.__getitem__
+
+    def no_mask(self, index):
+        if any(isinstance(i, torch.Tensor) for i in (index if isinstance(index, tuple) else (index,))):
+            refuse()
+        return getitem(self, index)
+    x = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8, generator=gen(17))
+    for name in ["item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__"]:
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch.Tensor, "__getitem__", no_mask)
+    for kind in ["carl", "carp"]:
+        a, b = augment.batch_pretrain_views(kind, 64, "cifar10")(x, gen(18))
+    out = augment.eval_batch(x, 32, "cifar10")
+    monkeypatch.undo()
+    assert a.shape == (4, 3, 64, 64) and out.shape == (4, 3, 32, 32)
