@@ -1,11 +1,17 @@
-"""Datasets: `synthetic` (built in), cifar10, cifar100, stl10, imagefolder; balanced subsets.
+"""Datasets: `synthetic` (built in), cifar10, cifar100, stl10, imagefolder; balanced subsets; the
+order in which training visits them.
 
 Every dataset yields (image, label) with a PIL image; `split` is "pretrain" (what
 self-supervised training sees: STL-10 adds its 100k unlabeled images), "train" (the
 labelled train split) or "test" (imagefolder: `val/`, or `test/` when there is no `val/`).
-A missing or empty dataset exits with one line naming the path and the flag that fixes it.
+`load_images` decodes a whole split once into a uint8 tensor, for `train.py --loader device`
+and the kNN monitor. A missing or empty dataset, or an unreadable image, exits with one line
+naming the path.
 """
+import concurrent.futures
+import hashlib
 import os
+import time
 
 import numpy as np
 import torch
@@ -81,11 +87,24 @@ def _torchvision(cls, data_dir, download, **kw):
               f"pass --download to fetch it there, or --data-dir where it lies")
 
 
+class BadImageError(Exception):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def load_rgb(path):
+    """ImageFolder's loader, with one line naming the file when it is unreadable or truncated."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # OSError (truncated), PIL.UnidentifiedImageError, ...
+        raise BadImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
 def _image_folder(root, transform):
     if not os.path.isdir(root):
         _fail(f"no folder {os.path.abspath(root)}; --data-dir must hold train/<class>/* and val/ or test/")
     try:
-        return torchvision.datasets.ImageFolder(root, transform=transform)
+        return torchvision.datasets.ImageFolder(root, transform=transform, loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         _fail(f"no images under {os.path.abspath(root)} ({e}); check --data-dir")
 
@@ -127,3 +146,140 @@ def balanced_subset(labels, per_class, seed=0):
             _fail(f"class {c} has {len(idx)} samples, fewer than the {per_class} asked for")
         picked.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
     return torch.cat(picked).sort().values
+
+
+# ---------------------------------------------------------------- a whole split as one uint8 tensor
+
+def load_images(name, split, data_dir="data", download=False, size=32, max_bytes=None):
+    """Decode a split once: (images (N, 3, H, W) uint8, labels (N,) int64, -1 for unlabeled).
+
+    Images keep their own size when they all share one; otherwise (an ImageFolder tree of mixed
+    sizes) each is resized and centre-cropped to size x size as eval views are. An ImageFolder
+    tree is decoded once and cached (see `_cache_path`). max_bytes: refuse, before decoding, a
+    split that would not fit."""
+    ds = build_dataset(name, split, None, data_dir, download)
+    labels = targets(ds)
+    if isinstance(ds, Synthetic):
+        images = torch.from_numpy(ds.images).permute(0, 3, 1, 2)  # (N, 3, px, px)
+    elif isinstance(ds, torchvision.datasets.CIFAR10):  # CIFAR-100 too
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (N, 3, 32, 32)
+    elif isinstance(ds, torchvision.datasets.STL10):
+        images = torch.from_numpy(ds.data)  # (N, 3, 96, 96)
+    else:
+        return _decode_folder(ds, size, max_bytes), labels
+    if max_bytes is not None and images.numel() > max_bytes:
+        _fail(f"{name} {split} needs {images.numel() / 2**30:.1f} GiB held whole; use --loader workers")
+    return images.contiguous(), labels
+
+
+def _cache_path(root, tag):
+    """Where a decoded ImageFolder split is cached: $XDG_CACHE_HOME/carl-carp (default ~/.cache/carl-carp),
+    named after the split's absolute path (datasets often lie in read-only or shared folders)."""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "carl-carp")
+    os.makedirs(cache, exist_ok=True)
+    return os.path.join(cache, os.path.abspath(root).strip("/").replace("/", "_") + f".{tag}.uint8.pt")
+
+
+def _decode_folder(ds, size, max_bytes):
+    # The cache is valid while every file keeps its path, size and modification time.
+    stats = [os.stat(path) for path, _ in ds.samples]
+    fingerprint = hashlib.sha1("".join(f"{p},{s.st_size},{s.st_mtime_ns};" for (p, _), s in zip(ds.samples, stats))
+                               .encode()).hexdigest()
+    path = _cache_path(ds.root, f"{size}px")
+    if os.path.exists(path):
+        try:
+            cached = torch.load(path, weights_only=True)
+            if cached["fingerprint"] == fingerprint:
+                return cached["images"]
+        except Exception:  # unreadable or stale cache: decode again
+            pass
+
+    def header(p):
+        try:
+            with Image.open(p) as img:  # reads the header only
+                return img.size  # (W, H)
+        except Exception as e:
+            raise BadImageError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes outside the GIL
+        try:
+            sizes = set(pool.map(header, [p for p, _ in ds.samples]))
+        except BadImageError as e:
+            _fail(str(e))
+        w, h = sizes.pop() if len(sizes) == 1 else (size, size)
+        if max_bytes is not None and len(ds) * 3 * h * w > max_bytes:
+            _fail(f"{ds.root}: {len(ds)} images of {w}x{h} need {len(ds) * 3 * h * w / 2**30:.1f} GiB held whole; "
+                  f"use --loader workers")
+        fit = torchvision.transforms.Compose([torchvision.transforms.Resize(size if size <= 64 else round(size * 8 / 7)),
+                                              torchvision.transforms.CenterCrop(size)]) if sizes else (lambda img: img)
+        images = torch.empty(len(ds), 3, h, w, dtype=torch.uint8)  # (N, 3, H, W)
+
+        def decode(i):
+            images[i] = torch.from_numpy(np.array(fit(load_rgb(ds.samples[i][0])))).permute(2, 0, 1)  # (3, H, W)
+
+        t0 = time.time()
+        try:
+            for done, _ in enumerate(pool.map(decode, range(len(ds))), 1):
+                if done % 20000 == 0:
+                    print(f"decoding {ds.root}: {done}/{len(ds)} images, {time.time() - t0:.0f} s", flush=True)
+        except BadImageError as e:
+            _fail(str(e))
+    try:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save({"fingerprint": fingerprint, "images": images}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # a cache is a convenience: go on without it
+        print(f"warning: could not cache the decoded images at {path}: {e}", flush=True)
+    return images
+
+
+# ---------------------------------------------------------------- the order training visits the data
+
+def seed_of(*keys):
+    """A 64-bit seed from integers, e.g. (seed, epoch, index): independent streams per key."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class Batches:
+    """This rank's samples for every step from `start` to `stop` (global step numbers), as lists of
+    (epoch, index). Each epoch is a permutation drawn from (seed, epoch) cut into steps of the
+    global batch, each step's batch split across ranks (drop_last, as DistributedSampler). It
+    depends on nothing else, so a run resumed at any step sees the same samples in the same order."""
+
+    def __init__(self, num_samples, batch_size, world, rank, seed, start, stop):
+        self.n, self.batch, self.world, self.rank, self.seed = num_samples, batch_size, world, rank, seed
+        self.steps_per_epoch = num_samples // batch_size
+        self.start, self.stop = start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def epoch_order(self, epoch):
+        g = torch.Generator().manual_seed(seed_of(self.seed, epoch))
+        perm = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch]  # (steps * batch,)
+        return perm.view(self.steps_per_epoch, self.world, -1)[:, self.rank]  # (steps, batch / world)
+
+    def __iter__(self):
+        order, order_epoch = None, None
+        for step in range(self.start, self.stop):
+            epoch, it = divmod(step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = self.epoch_order(epoch), epoch
+            yield [(epoch, i) for i in order[it].tolist()]
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """dataset[(epoch, index)] -> views(image `index`) with torch's random draws seeded by
+    (seed, epoch, index): the views do not depend on the worker count or on where a run resumed."""
+
+    def __init__(self, dataset, views, seed):
+        self.dataset, self.views, self.seed = dataset, views, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        img, _ = self.dataset[i]
+        torch.manual_seed(seed_of(self.seed, epoch, i))  # torchvision's transforms draw from torch's global RNG
+        return self.views(img)

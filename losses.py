@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 def random_partition(num_prototypes, block_size, seed, step):
@@ -28,14 +27,30 @@ def random_partition(num_prototypes, block_size, seed, step):
     return torch.randperm(num_prototypes, generator=g).view(-1, block_size)  # (N_P, N_B)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its backward sums the incoming gradients over ranks too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def global_batch_mean(p):
     """Mean over dim 0 across all ranks (differentiable); plain mean on one process.
 
-    Gradient bookkeeping: all_reduce's backward sums the gradients of all ranks, and DDP then
+    Gradient bookkeeping: the all-reduce's backward sums the gradients of all ranks, and DDP then
     averages the parameter gradients over ranks, so the result equals the gradient of one
     process holding the whole batch."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        total = dist_fn.all_reduce(p.sum(0))  # (...) summed over every rank's batch
+        total = _AllReduceSum.apply(p.sum(0))  # (...) summed over every rank's batch
         return total / (p.shape[0] * dist.get_world_size())
     return p.mean(0)
 
@@ -65,7 +80,9 @@ def _blockwise_loss(logits_a, logits_b, lam, partition):
     kl = kl_to_uniform(logp_a.exp()) + kl_to_uniform(logp_b.exp())
     loss = cons + lam * kl
     with torch.no_grad():
-        in_use = torch.cat([logits_a, logits_b]).argmax(1).unique().numel()  # over the full K
+        top = torch.cat([logits_a, logits_b]).argmax(1)  # (2B,) each view's prototype over the full K
+        # distinct prototypes in use, as a tensor: no host-device sync (unlike .unique().numel())
+        in_use = torch.zeros(logits_a.shape[1], dtype=torch.bool, device=top.device).index_fill_(0, top, True).sum()
         entropy = math.log(partition.shape[1]) - kl / 2  # of the batch-mean assignment, per block
     stats = {"consistency": cons.detach(), "kl": kl.detach(), "entropy": entropy, "in_use": in_use}
     return loss, stats

@@ -44,7 +44,7 @@ def mlp(in_dim, hidden, out_dim, hidden_layers):
 
 
 class AssignmentModel(nn.Module):
-    """Backbone + projection head + assigner. CARL: the assigner is one Linear(128, K) whose
+    """Backbone + projection head + assigner. CARL: the assigner is one bias-free Linear(128, K) whose
     weight rows are the K prototypes. CARP: a 2-layer MLP with BatchNorm (hidden as wide as
     the projection head) whose last layer holds the prototypes."""
 
@@ -53,8 +53,8 @@ class AssignmentModel(nn.Module):
         self.backbone, feat_dim = build_backbone(arch, cifar_stem)
         hidden = feat_dim  # 512 for resnet18, 2048 for resnet50 (thesis 5.8.2 and 6.5.2)
         self.head = mlp(feat_dim, hidden, EMBED_DIM, hidden_layers=2)
-        if method == "carl":
-            self.assigner = nn.Linear(EMBED_DIM, num_prototypes)
+        if method == "carl":  # thesis eq. 5.2: q_j = <z, c_j>, no bias (a bias could balance assignments by itself)
+            self.assigner = nn.Linear(EMBED_DIM, num_prototypes, bias=False)
         elif method == "carp":
             self.assigner = mlp(EMBED_DIM, hidden, num_prototypes, hidden_layers=1)
         else:
@@ -67,7 +67,8 @@ class AssignmentModel(nn.Module):
         prototypes = self.assigner if method == "carl" else self.assigner[-1]
         with torch.no_grad():
             prototypes.weight.mul_(proto_init_gain)
-            prototypes.bias.mul_(proto_init_gain)
+            if prototypes.bias is not None:  # CARP's assigner is an MLP: its last layer keeps its bias
+                prototypes.bias.mul_(proto_init_gain)
 
     def forward(self, x):
         z = self.head(self.backbone(x))  # (B, 128)

@@ -4,15 +4,17 @@
     python train.py --method carp --dataset cifar10 --data-dir data --download
     torchrun --nproc_per_node=4 train.py --method carp --dataset imagefolder --data-dir /imagenet
 
-Writes <out-dir>/log.jsonl (one JSON line per log step), and every epoch <out-dir>/run.pt
-(everything needed to resume, --resume <out-dir>/run.pt) and <out-dir>/backbone.pt (a plain
-torchvision ResNet state_dict without `fc`). Flags left unset take the thesis settings for
-the method and dataset (DEFAULTS below).
+Writes <out-dir>/log.jsonl (one JSON line per log step and per kNN evaluation), and
+<out-dir>/run.pt (everything needed to continue) with <out-dir>/backbone.pt (a plain torchvision
+ResNet state_dict without `fc`) every epoch, every --ckpt-every-min minutes and when stopped by
+SIGTERM/SIGUSR1. The same command run again continues from <out-dir>/run.pt at the next step.
+Flags left unset take the thesis settings for the method and dataset (DEFAULTS below).
 """
 import argparse
 import json
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -22,45 +24,49 @@ import torch.nn as nn
 
 import augment
 import data
+import evaluate
 import lars
 import losses
 import model as models
 
-# Thesis settings. CARL: 5.6-5.8 (SGD 0.6 -> 0.0006, wd 5e-4, K=100 CIFAR-10, 300 CIFAR-100 and
-# STL-10, 3000 ImageNet; lambda 4 -> 1.5 over 100 epochs, 2 -> 1 on STL-10).
-# CARP: 6.5.4 (LARS 5.4 -> 0.00054, wd 1e-6, K=3000 in blocks of 250, lambda 2 -> 0.15 over 30 epochs).
-# `synthetic` is ours: minutes on a laptop CPU, with the CPU benchmark's settings (RESULTS.md):
-# LARS with wd 1e-6 for CARL too (at batch 64, SGD at 0.15 collapsed to one prototype within 90
-# steps on CIFAR-10), prototypes started larger (gain) so the first steps carry a gradient, and
-# lambda starting near 1, since the thesis's 4 / 2 sent the assignments straight to uniform.
-# CARP keeps its BYOL views here (kNN 74.6 against 37.4 at random-init); the CIFAR-10 benchmark
-# gives it CARL's views (--views carl), with which it learned far faster at 32 px.
+# Thesis settings. CARL (5.6-5.8): SGD + LARS (SwAV's LARC) 0.6 -> 0.0006, wd 5e-4, K=100 CIFAR-10,
+# 300 CIFAR-100 and STL-10, 3000 ImageNet; lambda 4 -> 1.5 over 100 epochs (5.6.2), 2 -> 1 on
+# STL-10 (5.6.1). CARP (6.5.4): LARS 5.4 -> 0.00054, wd 1e-6, K=3000 in blocks of 250, lambda
+# 2 -> 0.15 over 30 epochs. Both: 200 epochs, batch 256 (5.8, 6.5.4), no warm-up (6.5.4).
+# CARL's optimizer: the thesis names SGD with LARS and SwAV's recipe (LARC, trust coefficient
+# 0.001, every parameter trust-scaled); plain SGD at 0.6 with no warm-up collapsed to one
+# prototype within 90 steps on CIFAR-10 (RESULTS.md, "CARL a"), so "larc" is the default.
+# `synthetic` is ours: the quickstart, minutes on a laptop CPU (RESULTS.md): LARS with wd 1e-6
+# for CARL too, prototypes started larger (gain) so the first steps carry a gradient, lambda
+# starting near 1 (the thesis's 4 / 2 sent the assignments straight to uniform), 16 px images.
 DEFAULTS = {
-    "carl": dict(optimizer="sgd", lr=0.6, weight_decay=5e-4, epochs=200, batch_size=256,
+    "carl": dict(optimizer="larc", lr=0.6, final_lr_ratio=1e-3, weight_decay=5e-4, epochs=200, batch_size=256,
                  num_prototypes=100, block_size=None, lam_start=4.0, lam_end=1.5, lam_epochs=100,
-                 proto_init_gain=1.0, views="carl"),
-    "carp": dict(optimizer="lars", lr=5.4, weight_decay=1e-6, epochs=200, batch_size=256,
+                 proto_init_gain=1.0, views="carl", knn_every=0),
+    "carp": dict(optimizer="lars", lr=5.4, final_lr_ratio=1e-4, weight_decay=1e-6, epochs=200, batch_size=256,
                  num_prototypes=3000, block_size=250, lam_start=2.0, lam_end=0.15, lam_epochs=30,
-                 proto_init_gain=1.0, views="carp"),
+                 proto_init_gain=1.0, views="carp", knn_every=0),
 }
 DATASET_DEFAULTS = {
     ("carl", "cifar100"): dict(num_prototypes=300),
     ("carl", "stl10"): dict(num_prototypes=300, lam_start=2.0, lam_end=1.0),
     ("carl", "imagefolder"): dict(num_prototypes=3000),
     ("carl", "synthetic"): dict(epochs=5, batch_size=64, optimizer="lars", lr=4.8, weight_decay=1e-6,
-                                proto_init_gain=5.0, lam_start=1.5, lam_end=1.0, lam_epochs=5),
+                                proto_init_gain=5.0, lam_start=1.5, lam_end=1.0, lam_epochs=5, knn_every=1),
     ("carp", "synthetic"): dict(epochs=5, batch_size=64, num_prototypes=500, block_size=50,
-                                proto_init_gain=3.0, lam_start=0.75, lam_end=0.5, lam_epochs=5),
+                                proto_init_gain=3.0, lam_start=0.75, lam_end=0.5, lam_epochs=5, knn_every=1),
 }
-# Under LARS, biases and BatchNorm parameters skip the trust ratio (as the issue asks, like
-# BYOL and Barlow Twins), so they take plain SGD steps. At LARS learning rates (4.8-5.4 per
-# 256) those steps are far too large: on CIFAR-10 at batch 64, CARL (prototype gain 5) fell onto
-# 2 of 100 prototypes within 20 steps with them, and did not with this scale. Barlow Twins gives
-# them 0.0048 / 0.2 = 0.024 of the weights' lr; so do we. (SwAV's LARC, whose 0.6 -> 0.0006
-# recipe the thesis's CARL matches, trust-scales every parameter instead.) SGD: one lr for all.
+# Under "lars", biases and BatchNorm parameters skip the trust ratio (BYOL, Barlow Twins), so they
+# take plain SGD steps. At LARS learning rates (4.8-5.4 per 256) those steps are far too large: on
+# CIFAR-10 at batch 64, CARL (prototype gain 5) fell onto 2 of 100 prototypes within 20 steps with
+# them, and did not with this scale. Barlow Twins gives them 0.0048 / 0.2 = 0.024 of the weights' lr.
 LARS_EXCLUDED_LR_SCALE = 0.024
-FINAL_LR_RATIO = 0.001  # cosine decay ends at lr / 1000 (0.6 -> 0.0006, 5.4 -> 0.00054)
-RESUME_KEYS = ("method", "arch", "cifar_stem", "num_prototypes", "views")  # must match to resume
+# A run continues from its run.pt only with these unchanged: each changes what the run computes.
+SAME_RUN_KEYS = ("method", "dataset", "train_subset", "arch", "cifar_stem", "image_size", "epochs", "batch_size",
+                 "optimizer", "lr", "final_lr_ratio", "weight_decay", "warmup_epochs", "num_prototypes",
+                 "proto_init_gain", "block_size", "lam_start", "lam_end", "lam_epochs", "views", "loader",
+                 "sync_bn", "seed")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption; SLURM's --signal=USR1@secs before a time limit
 
 
 def parse_args(argv=None):
@@ -74,13 +80,15 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="resnet18", help=", ".join(models.ARCHS))
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool (default: on for images <= 64 px)")
-    p.add_argument("--image-size", type=int, default=None, help="view size (default: 32 CIFAR, 96 STL-10, 224 else)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="view size (default: 16 synthetic, 32 CIFAR, 96 STL-10, 224 else)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--until-epoch", type=int, default=None,
-                   help="stop after this epoch (schedules still span --epochs); continue with --resume")
+                   help="stop after this epoch (schedules still span --epochs); the same command continues")
     p.add_argument("--batch-size", type=int, default=None, help="global batch over all processes")
-    p.add_argument("--optimizer", default=None, help="lars or sgd")
+    p.add_argument("--optimizer", default=None, help="larc (LARS on every parameter), lars (not on biases/BN) or sgd")
     p.add_argument("--lr", type=float, default=None, help="base lr for batch 256; scaled by batch/256")
+    p.add_argument("--final-lr-ratio", type=float, default=None, help="the cosine ends at lr times this")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up before the cosine decay")
     p.add_argument("--num-prototypes", type=int, default=None, help="K")
@@ -92,13 +100,25 @@ def parse_args(argv=None):
     p.add_argument("--lam-epochs", type=float, default=None, help="epochs of linear decay (E)")
     p.add_argument("--views", default=None, choices=["carl", "carp"],
                    help="view pipeline: carl (SimCLR-style) or carp (BYOL-style, asymmetric); default: the method's")
+    p.add_argument("--loader", default=None, choices=["device", "workers"],
+                   help="device: the dataset decoded once into memory on the training device, views made there in "
+                        "batches; workers: PIL views in DataLoader processes (default: workers for ImageFolder trees "
+                        "of large images, else device)")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
                    help="default: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else off")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per rank")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader processes per rank (--loader workers)")
     p.add_argument("--out-dir", default="out")
-    p.add_argument("--resume", default=None, help="path to a run.pt to continue from")
+    p.add_argument("--resume", default=None,
+                   help="continue from this run.pt (only needed when it lies outside --out-dir)")
+    p.add_argument("--ckpt-every-min", type=float, default=15.0, help="also write run.pt inside an epoch this often")
+    p.add_argument("--knn-every", type=int, default=None,
+                   help="kNN top-1 (k=200) every N epochs, after the last, and before the first (default: 1 for "
+                        "synthetic, else 0 = off)")
+    p.add_argument("--knn-train-subset", type=int, default=None, help="kNN bank: a class-balanced subset of this many")
+    p.add_argument("--knn-test-subset", type=int, default=None, help="kNN queries: a class-balanced subset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     args = p.parse_args(argv)
@@ -126,47 +146,80 @@ def resolve(args):
     args.image_size = args.image_size or data.IMAGE_SIZE[args.dataset]
     if args.cifar_stem is None:
         args.cifar_stem = args.image_size <= 64
-    if args.optimizer not in ("lars", "sgd"):
-        fail(f"unknown --optimizer {args.optimizer!r}; choose lars or sgd")
+    if args.loader is None:
+        args.loader = "workers" if args.dataset == "imagefolder" and args.image_size > 96 else "device"
+    if args.optimizer not in ("larc", "lars", "sgd"):
+        fail(f"unknown --optimizer {args.optimizer!r}; choose larc, lars or sgd")
     if args.method == "carp" and args.num_prototypes % args.block_size:
         fail(f"--num-prototypes {args.num_prototypes} is not divisible by --block-size {args.block_size}")
     if args.until_epoch is not None and not 0 < args.until_epoch <= args.epochs:
         fail(f"--until-epoch {args.until_epoch} must lie in 1..--epochs {args.epochs}")
-    for key in ("epochs", "batch_size", "num_prototypes", "image_size", "log_every", "proto_init_gain"):
+    for key in ("epochs", "batch_size", "num_prototypes", "image_size", "log_every", "proto_init_gain",
+                "final_lr_ratio", "ckpt_every_min"):
         if getattr(args, key) <= 0:
             fail(f"--{key.replace('_', '-')} must be positive")
+    if args.knn_every < 0:
+        fail("--knn-every must be 0 (off) or positive")
     return args
 
 
+def check_same_run(saved, args, path):
+    """One clear line naming the first flag that differs from the run being continued."""
+    for key in SAME_RUN_KEYS:
+        if key in saved and saved[key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            fail(f"{path} is a run with {flag} {saved[key]}, but this command has {flag} {getattr(args, key)}; "
+                 f"use the run's flags to continue it, or another --out-dir")
+
+
 def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash or a failed write (full disk) never leaves
+    a half-written file, and the previous one stays as it was."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = "the previous one is intact" if os.path.exists(path) else "there is no earlier one"
+        fail(f"could not write {path} ({type(e).__name__}: {e}); {kept}")
 
 
-def lr_schedule(base_lr, epochs, steps_per_epoch, warmup_epochs):
-    """Per-step lr: linear warm-up from 0, then cosine from base_lr to base_lr * FINAL_LR_RATIO."""
+def lr_schedule(base_lr, final_lr, epochs, steps_per_epoch, warmup_epochs):
+    """Per-step lr: linear warm-up from 0, then cosine from base_lr to final_lr (DINO's form: the
+    last step lands within (base - final) * (1 - cos(pi / n)) / 2 of final_lr)."""
     total, warm = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
     warmup = np.linspace(0, base_lr, warm, endpoint=False)
     t = np.arange(total - warm) / max(1, total - warm)
-    final = base_lr * FINAL_LR_RATIO
-    cosine = final + 0.5 * (base_lr - final) * (1 + np.cos(np.pi * t))
+    cosine = final_lr + 0.5 * (base_lr - final_lr) * (1 + np.cos(np.pi * t))
     return np.concatenate([warmup, cosine])  # (total,)
 
 
 def lam_schedule(start, end, decay_epochs, epochs, steps_per_epoch):
-    """Per-step KL weight, thesis eq. 5.8: linear from start to end over decay_epochs, then end."""
+    """Per-step KL weight: linear from start to end over decay_epochs, then end. Thesis eq. 5.8
+    steps once per epoch; per step is the same line without the stairs."""
     e = np.arange(epochs * steps_per_epoch) / steps_per_epoch  # (total,) fractional epoch
     if decay_epochs <= 0:
         return np.full_like(e, end)
     return np.where(e < decay_epochs, start - (start - end) * e / decay_epochs, end)
 
 
+def describe_schedules(args, lr):
+    warm = f"{args.warmup_epochs:g}-epoch warm-up" if args.warmup_epochs else "no warm-up"
+    return (f"lr {lr:g} -> {lr * args.final_lr_ratio:g} (cosine, {warm}), "
+            f"lambda {args.lam_start:g} -> {args.lam_end:g} over {args.lam_epochs:g} epochs")
+
+
 def setup_distributed():
-    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1."""
+    """(rank, world size, device, control group). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain
+    python is rank 0 of 1. The control group (gloo, CPU) carries the stop/save flags each step
+    without a GPU sync."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
+        print("warning: a torchrun restart sharing its rendezvous store may hang here on stale keys (PyTorch issue "
+              "135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun", flush=True)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -174,14 +227,15 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return dist.get_rank(), dist.get_world_size(), device, control
 
 
 def build_optimizer(args, model, lr):
-    if args.optimizer == "lars":
-        groups = lars.param_groups(model, excluded_lr_scale=LARS_EXCLUDED_LR_SCALE)
-        return lars.LARS(groups, lr=lr, weight_decay=args.weight_decay, momentum=0.9)
-    return torch.optim.SGD(lars.param_groups(model), lr=lr, weight_decay=args.weight_decay, momentum=0.9)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(lars.param_groups(model, "larc"), lr=lr, weight_decay=args.weight_decay, momentum=0.9)
+    groups = lars.param_groups(model, args.optimizer, excluded_lr_scale=LARS_EXCLUDED_LR_SCALE)
+    return lars.LARS(groups, lr=lr, weight_decay=args.weight_decay, momentum=0.9)
 
 
 def cpu_has_native_bf16():
@@ -191,45 +245,149 @@ def cpu_has_native_bf16():
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def ignore_stop_signals(_worker_id=None):
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the main process, which stops them in order."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def load_pretrain_data(args, device, max_bytes):
+    """The pretraining split: (uint8 images (N, 3, H, W) on `device`, or a PIL dataset; labels (N,))."""
+    if args.loader == "device":
+        images, labels = data.load_images(args.dataset, "pretrain", args.data_dir, args.download, args.image_size,
+                                          max_bytes)
+        source = images
+    else:
+        source = data.build_dataset(args.dataset, "pretrain", None, args.data_dir, args.download)
+        labels = data.targets(source)
+    if args.train_subset:
+        n_classes = len(labels[labels >= 0].unique())  # -1 marks STL-10's unlabeled images, left out here
+        if args.train_subset % n_classes:
+            fail(f"--train-subset {args.train_subset} is not a multiple of the {n_classes} classes")
+        keep = data.balanced_subset(labels, args.train_subset // n_classes, seed=0)  # (train_subset,)
+        source = source[keep] if args.loader == "device" else torch.utils.data.Subset(source, keep.tolist())
+        labels = labels[keep]
+    if args.loader == "device":
+        source = source.to(device)
+    return source, labels
+
+
+def pretrain_batches(args, source, batches, rank, device):
+    """(view_a, view_b) on `device` for each step of `batches` (data.Batches), by either loader."""
+    if args.loader == "device":
+        views = augment.batch_pretrain_views(args.views, args.image_size, args.dataset)
+        g = torch.Generator(device=device)
+        for step, keys in zip(range(batches.start, batches.stop), batches):
+            idx = torch.tensor([i for _, i in keys]).to(device, non_blocking=True)  # (local batch,)
+            g.manual_seed(data.seed_of(args.seed, step, rank))  # the views depend on (seed, step, rank) only
+            yield views(source[idx], g)
+        return
+    views = augment.pretrain_views(args.views, args.image_size, args.dataset)
+    loader = torch.utils.data.DataLoader(data.SeededViews(source, views, args.seed), batch_sampler=batches,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals)
+    try:
+        for view_a, view_b in loader:
+            yield view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
+    except data.BadImageError as e:  # raised in a worker, its message ends with ours; run.pt stays as it was
+        fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1])
+
+
+def train_step(net, optimizer, scaler, autocast, view_a, view_b, args, lam, step):
+    """One optimisation step on a batch of view pairs; returns (loss, stats) as device tensors."""
+    x = torch.cat([view_a, view_b]).contiguous(memory_format=torch.channels_last)  # (2 * local batch, 3, S, S)
+    with autocast:
+        logits = net(x)  # (2 * local batch, K)
+    logits_a, logits_b = logits.chunk(2)  # (local batch, K) each
+    if args.method == "carl":
+        loss, stats = losses.carl_loss(logits_a, logits_b, lam)
+    else:
+        partition = losses.random_partition(args.num_prototypes, args.block_size, args.seed, step)
+        loss, stats = losses.carp_loss(logits_a, logits_b, lam, partition)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, stats
+
+
+class KnnMonitor:
+    """Weighted kNN top-1 (k=200, T=0.07, cosine: evaluate.py's functions) of the backbone's features
+    of eval views, the labelled train split as the bank and the test split as queries."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.splits = []
+        for split, subset in (("train", args.knn_train_subset), ("test", args.knn_test_subset)):
+            images, labels = data.load_images(args.dataset, split, args.data_dir, args.download, args.image_size)
+            if subset:
+                n_classes = len(labels.unique())
+                if subset % n_classes:
+                    fail(f"--knn-{split}-subset {subset} is not a multiple of the {n_classes} classes")
+                keep = data.balanced_subset(labels, subset // n_classes, seed=0)  # (subset,)
+                images, labels = images[keep], labels[keep]
+            self.splits.append((images.to(device), labels.to(device)))
+        self.num_classes = int(self.splits[0][1].max()) + 1
+
+    @torch.no_grad()
+    def __call__(self, backbone, batch_size=256):
+        feats = []
+        for images, labels in self.splits:
+            batches = ((augment.eval_batch(images[i:i + batch_size], self.args.image_size, self.args.dataset),
+                        labels[i:i + batch_size]) for i in range(0, len(images), batch_size))
+            feats.append(evaluate.extract_features(backbone, batches, self.device))  # ((N, F), (N,))
+        backbone.train()
+        (bank, bank_labels), (queries, query_labels) = feats
+        scores = evaluate.knn_classify(bank, bank_labels, queries, self.num_classes, k=200, T=0.07)  # (N_test, C)
+        return evaluate.topk_accuracy(scores, query_labels)  # [top-1, top-5]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    stop_signal = []  # SIGTERM/SIGUSR1 received; looked at after every step
+    previous = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum)) for s in STOP_SIGNALS}
+    try:
+        pretrain(args, stop_signal)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def pretrain(args, stop_signal):
+    rank, world, device, control = setup_distributed()
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     run_path = os.path.join(args.out_dir, "run.pt")
-    ckpt = models.load_checkpoint(args.resume) if args.resume else None
-    resuming_here = ckpt is not None and os.path.realpath(args.resume) == os.path.realpath(run_path)
-    if os.path.exists(run_path) and not resuming_here:
-        fail(f"{run_path} exists; continue it with --resume {run_path}, or pick another --out-dir")
+    # The same command continues its own run; --resume only points elsewhere for a first start.
+    resume_from = run_path if os.path.exists(run_path) else args.resume
+    ckpt = models.load_checkpoint(resume_from) if resume_from else None
     if ckpt is not None:
-        saved = {"views": ckpt["args"].get("method"), **ckpt["args"]}  # before --views: the method's
-        for key in RESUME_KEYS:
-            if saved.get(key) != getattr(args, key):
-                fail(f"{args.resume} was trained with {key}={saved.get(key)!r}, "
-                     f"but this run has {key}={getattr(args, key)!r}")
+        check_same_run(ckpt["args"], args, resume_from)
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "off"
     if args.amp == "fp16" and device.type != "cuda":
         fail("--amp fp16 needs a GPU; use --amp bf16 or off on the CPU")
 
-    # Data: each rank loads batch_size / world samples per step; the sampler shuffles per epoch.
-    views = augment.pretrain_views(args.views, args.image_size, args.dataset)
-    dataset = data.build_dataset(args.dataset, "pretrain", views, args.data_dir, args.download)
-    if args.train_subset:
-        labels = data.targets(dataset)  # (N,); -1 marks STL-10's unlabeled images, left out here
-        n_classes = len(labels[labels >= 0].unique())
-        if args.train_subset % n_classes:
-            fail(f"--train-subset {args.train_subset} is not a multiple of the {n_classes} classes")
-        keep = data.balanced_subset(labels, args.train_subset // n_classes, seed=0)
-        dataset = torch.utils.data.Subset(dataset, keep.tolist())
-    local_batch = args.batch_size // world
-    if len(dataset) < args.batch_size:
-        fail(f"{len(dataset)} images are fewer than one batch of --batch-size {args.batch_size}")
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.workers, drop_last=True,
-        pin_memory=device.type == "cuda", generator=torch.Generator())
-    steps_per_epoch = len(loader)
+    # Data: this rank's share of every global batch, in an order fixed by (seed, epoch).
+    max_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else \
+        os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    source, labels = load_pretrain_data(args, device, max_bytes)
+    num_images, num_classes = len(labels), len(labels[labels >= 0].unique())
+    if num_images < args.batch_size:
+        fail(f"{num_images} images are fewer than one batch of --batch-size {args.batch_size}")
+    if ckpt is not None and ckpt.get("data", {}).get("num_images", num_images) != num_images or \
+            ckpt is not None and ckpt.get("data", {}).get("num_classes", num_classes) != num_classes:
+        fail(f"{args.dataset} under {args.data_dir} now has {num_images} images in {num_classes} classes, but "
+             f"{resume_from} was trained on {ckpt['data']['num_images']} in {ckpt['data']['num_classes']}")
+    steps_per_epoch = num_images // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    end_step = (args.until_epoch or args.epochs) * steps_per_epoch
+    start_step = ckpt["step"] if ckpt is not None else 0
+    if start_step >= end_step:
+        if rank == 0:
+            print(f"{resume_from} is finished: {start_step // steps_per_epoch} of {args.epochs} epochs done"
+                  + (f" (--until-epoch {args.until_epoch})" if args.until_epoch else "") + "; nothing to do", flush=True)
+        return
 
     # Model, optimizer, schedules.
     torch.manual_seed(args.seed)
@@ -241,15 +399,12 @@ def main(argv=None):
     lr = args.lr * args.batch_size / 256
     optimizer = build_optimizer(args, model, lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    lrs = lr_schedule(lr, args.epochs, steps_per_epoch, args.warmup_epochs)  # (total steps,)
-    lams = lam_schedule(args.lam_start, args.lam_end, args.lam_epochs, args.epochs, steps_per_epoch)
-    start_epoch = 0
+    lrs = lr_schedule(lr, lr * args.final_lr_ratio, args.epochs, steps_per_epoch, args.warmup_epochs)  # (total,)
+    lams = lam_schedule(args.lam_start, args.lam_end, args.lam_epochs, args.epochs, steps_per_epoch)  # (total,)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     if args.compile:
@@ -259,70 +414,128 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
                               enabled=args.amp != "off")
 
-    os.makedirs(args.out_dir, exist_ok=True)
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    monitor = KnnMonitor(args, device) if args.knn_every and rank == 0 else None
     if rank == 0:
-        print(f"{args.method} {args.arch} on {args.dataset}: {len(dataset)} images, {world} process(es) on "
-              f"{device.type}, batch {args.batch_size}, {steps_per_epoch} steps/epoch, lr {lr:g}, K {args.num_prototypes}"
-              + (f" in blocks of {args.block_size}" if args.method == "carp" else ""), flush=True)
-    end_epoch = args.until_epoch or args.epochs
-    t_start, steps_done = time.time(), 0
-    for epoch in range(start_epoch, end_epoch):
-        # Re-seed every epoch from (seed, epoch, rank): augmentations and shuffling depend only
-        # on those, so a resumed run sees exactly the views an uninterrupted one would.
-        epoch_seed = int(np.random.SeedSequence([args.seed, epoch, rank]).generate_state(1)[0])
-        torch.manual_seed(epoch_seed)
-        loader.generator.manual_seed(epoch_seed)
-        sampler.set_epoch(epoch)
-        net.train()
-        for it, ((view_a, view_b), _) in enumerate(loader):
-            step = epoch * steps_per_epoch + it
-            for group in optimizer.param_groups:
-                group["lr"] = float(lrs[step]) * group.get("lr_scale", 1.0)  # absent in older run.pt
-            x = torch.cat([view_a, view_b]).to(device, non_blocking=True, memory_format=torch.channels_last)
-            with autocast:
-                logits = net(x)  # (2 * local batch, K)
-            logits_a, logits_b = logits.chunk(2)  # (local batch, K) each
-            if args.method == "carl":
-                loss, stats = losses.carl_loss(logits_a, logits_b, lams[step])
-            else:
-                partition = losses.random_partition(args.num_prototypes, args.block_size, args.seed, step)
-                loss, stats = losses.carp_loss(logits_a, logits_b, lams[step], partition)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            steps_done += 1
+        os.makedirs(args.out_dir, exist_ok=True)
+        log = trim_log(log_path, start_step)  # drop what an interrupted run logged after its checkpoint
+        print(f"{args.method} {args.arch} on {args.dataset}: {num_images} images, {world} process(es) on "
+              f"{device.type}, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, "
+              f"K {args.num_prototypes}" + (f" in blocks of {args.block_size}" if args.method == "carp" else "")
+              + f", {args.optimizer} wd {args.weight_decay:g}, {args.views} views, {args.loader} loader, amp "
+              f"{args.amp}", flush=True)
+        print(describe_schedules(args, lr), flush=True)
+        if ckpt is not None:
+            print(f"continuing {resume_from} at step {start_step} of {total_steps} "
+                  f"(epoch {start_step // steps_per_epoch}, step {start_step % steps_per_epoch} of it)", flush=True)
+        knn_records = [r for r in log if "knn_top1" in r]  # the first is the random-init value
 
-            if step % args.log_every == 0 or it == steps_per_epoch - 1:
-                if not math.isfinite(loss.item()):
-                    fail(f"loss is {loss.item()} at step {step}; lower --lr, or raise --lam-start")
-                if rank == 0:
-                    now = time.time()
-                    rate = args.batch_size * steps_done / (now - t_start)  # images/s this session
-                    eta = (end_epoch * steps_per_epoch - step - 1) * args.batch_size / rate
-                    rec = {"epoch": epoch, "step": step, "loss": loss.item(),
-                           "consistency": stats["consistency"].item(), "kl": stats["kl"].item(),
-                           "entropy": float(stats["entropy"]), "in_use": stats["in_use"],
-                           "lam": float(lams[step]), "lr": float(lrs[step]), "img_per_s": round(rate, 1),
-                           "eta_min": round(eta / 60, 1), "time": round(now - t_start, 1)}
-                    print(f"ep {epoch} step {step}/{args.epochs * steps_per_epoch} loss {rec['loss']:.4f} "
-                          f"cons {rec['consistency']:.4f} kl {rec['kl']:.4f} lam {rec['lam']:.3f} lr {rec['lr']:.4g} "
-                          f"in-use {rec['in_use']}/{args.num_prototypes} {rate:.0f} img/s eta {rec['eta_min']}m",
-                          flush=True)
-                    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-
+    def save(step):
         if rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "args": vars(args),
-                     "rng": {"torch": torch.get_rng_state()}}
+                     "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
+                     "data": {"num_images": num_images, "num_classes": num_classes}}
             atomic_save(state, run_path)
             atomic_save(model.backbone.state_dict(), os.path.join(args.out_dir, "backbone.pt"))
+
+    def knn(step):
+        if rank == 0:
+            t0 = time.time()
+            top1, top5 = monitor(model.backbone)
+            rec = {"epoch": step // steps_per_epoch, "step": step, "knn_top1": round(top1, 2),
+                   "knn_top5": round(top5, 2), "seconds": round(time.time() - t0, 1)}
+            knn_records.append(rec)
+            append_log(log_path, rec)
+            print(f"knn ep {rec['epoch']}: top-1 {top1:.2f}{knn_gain(knn_records)}, top-5 {top5:.2f}, "
+                  f"{rec['seconds']:.0f} s", flush=True)
+        if world > 1:
+            dist.barrier(group=control)  # the other ranks wait for rank 0's evaluation
+
+    if start_step == 0 and args.knn_every:
+        knn(0)
+
+    batches = data.Batches(num_images, args.batch_size, world, rank, args.seed, start_step, end_step)
+    t_start, last_save, step = time.time(), time.time(), start_step
+    for step, (view_a, view_b) in zip(range(start_step, end_step), pretrain_batches(args, source, batches, rank, device)):
+        epoch, it = divmod(step, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = float(lrs[step]) * group["lr_scale"]
+        loss, stats = train_step(net, optimizer, scaler, autocast, view_a, view_b, args, float(lams[step]), step)
+
+        if step % args.log_every == 0 or it == steps_per_epoch - 1:
+            if not math.isfinite(loss.item()):
+                fail(f"loss is {loss.item()} at step {step}; lower --lr, or raise --lam-start")
+            if rank == 0:
+                now = time.time()
+                rate = args.batch_size * (step + 1 - start_step) / (now - t_start)  # images/s this session
+                rec = {"epoch": epoch, "step": step, "loss": loss.item(), "consistency": stats["consistency"].item(),
+                       "kl": stats["kl"].item(), "entropy": float(stats["entropy"]), "in_use": int(stats["in_use"]),
+                       "lam": float(lams[step]), "lr": float(lrs[step]), "img_per_s": round(rate, 1),
+                       "eta_min": round((end_step - step - 1) * args.batch_size / rate / 60, 1),
+                       "time": round(now - t_start, 1)}
+                append_log(log_path, rec)
+                print(f"ep {epoch} step {step}/{total_steps} loss {rec['loss']:.4f} cons {rec['consistency']:.4f} "
+                      f"kl {rec['kl']:.4f} lam {rec['lam']:.3f} lr {rec['lr']:.4g} in-use {rec['in_use']}/"
+                      f"{args.num_prototypes} {rate:.0f} img/s eta {rec['eta_min']}m", flush=True)
+
+        # Every rank agrees, each step, whether to stop (a signal reached any rank) or save (rank 0's clock).
+        save_due = rank == 0 and time.time() - last_save > 60 * args.ckpt_every_min
+        flags = torch.tensor([max(stop_signal, default=0), int(save_due)])  # (2,) int64
+        if world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
+        epoch_done = it == steps_per_epoch - 1
+        if epoch_done and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step + 1 == total_steps):
+            knn(step + 1)
+        if epoch_done or flags.any():
+            save(step + 1)
+            last_save = time.time()
+        if flags[0] and step + 1 < end_step:
+            if world > 1:
+                dist.barrier(group=control)  # run.pt is written before any rank exits
+            if rank == 0:
+                print(f"stopped by {signal.Signals(int(flags[0])).name} after step {step + 1} of {total_steps} "
+                      f"(epoch {epoch}, step {it + 1} of {steps_per_epoch}); {run_path} holds it: run the same "
+                      f"command to continue", flush=True)
+            raise SystemExit(128 + int(flags[0]))
     if rank == 0:
-        print(f"done: {end_epoch} of {args.epochs} epochs in {(time.time() - t_start) / 60:.1f} min; "
+        print(f"done: {end_step // steps_per_epoch} of {args.epochs} epochs in {(time.time() - t_start) / 60:.1f} min; "
               f"checkpoint {run_path}", flush=True)
+        if len(knn_records) > 1:
+            first, last = knn_records[0], knn_records[-1]
+            print(f"kNN top-1 (k=200): {first['knn_top1']:.2f} at epoch {first['epoch']}"
+                  f"{' (random init)' if first['step'] == 0 else ''} -> {last['knn_top1']:.2f} at epoch "
+                  f"{last['epoch']}: {last['knn_top1'] - first['knn_top1']:+.2f} points", flush=True)
     if world > 1:
         dist.destroy_process_group()
+
+
+def knn_gain(records):
+    """' (+12.30 since epoch 0)' for the newest kNN record; ' (random init)' for a fresh run's first."""
+    first, last = records[0], records[-1]
+    if last is first:
+        return " (random init)" if first["step"] == 0 else ""
+    return f" ({last['knn_top1'] - first['knn_top1']:+.2f} since epoch {first['epoch']})"
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_log(path, rec):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def trim_log(path, step):
+    """Keep the log records of steps before `step` (kNN records at `step` too), so a continued run
+    logs every step once; returns them."""
+    kept = [r for r in read_log(path) if r["step"] < step or "knn_top1" in r and r["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    return kept
 
 
 if __name__ == "__main__":

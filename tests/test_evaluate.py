@@ -154,7 +154,7 @@ def test_linear_epochs_default_100_or_50_on_transfer():
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     # 120, not 128: train.py asks for a multiple of the 10 classes
-    train.main(["--epochs", "1", "--train-subset", "120", "--batch-size", "32", "--workers", "0",
+    train.main(["--epochs", "1", "--train-subset", "120", "--batch-size", "32", "--workers", "0", "--knn-every", "0",
                 "--out-dir", str(out)])
     return out
 
@@ -290,21 +290,6 @@ def test_random_init_column(run_dir, capsys):
     trained, _ = evaluate.build_backbone(args, state, torch.device("cpu"))
     untrained, _ = evaluate.build_backbone(args, None, torch.device("cpu"))
     assert not torch.equal(trained.conv1.weight, untrained.conv1.weight)
-
-
-def test_trained_beats_random_init_on_synthetic(tmp_path):
-    """What pretraining buys: a short CARL run (155 steps of 32 on 1,000 synthetic images at
-    16 px, 70-110 s on one thread) lifts kNN k=200 far above the random-init network it started
-    from (measured: 33.4 -> 52.0 with bf16, -> 50.6 in float32). At k=20 a random network is
-    already at ~72% on these small images and this short run only matches it, so k=20 is not
-    asserted; the full quickstart (32 px, 155 steps of 64) beats it there too (RESULTS.md)."""
-    out = tmp_path / "run"
-    train.main(["--image-size", "16", "--train-subset", "1000", "--batch-size", "32", "--epochs", "5",
-                "--workers", "0", "--out-dir", str(out)])
-    results = evaluate.main(["--ckpt", str(out / "run.pt"), "--protocol", "knn", "--knn-k", "200", "--random-init",
-                             "--train-subset", "1000", "--test-subset", "500", "--workers", "0"])
-    top1 = {name: t1 for name, _, t1, _ in results}
-    assert top1["trained"] >= top1["random-init"] + 10, top1
 
 
 # ---------------------------------------------------------------- bad input

@@ -95,6 +95,31 @@ def test_param_groups_with_lars_handles_weights_and_bn():
         torch.testing.assert_close(p.detach().flatten(), torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
+def test_larc_groups_trust_scale_and_decay_every_parameter():
+    """kind "larc" (SwAV's LARC, CARL's default): one group; biases and BatchNorm take the trust
+    ratio and weight decay like the weights, and several parameters step together (foreach)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    groups = lars.param_groups(net, "larc")
+    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(net.parameters()))
+    w0 = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = lars.LARS(groups, lr=0.3, weight_decay=0.05, momentum=0.9, eta=0.01)
+    x = torch.randn(8, 4)
+    all_grads = {n: [] for n in w0}
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).sum().backward()
+        for n, p in net.named_parameters():
+            all_grads[n].append(p.grad.flatten().tolist())
+        opt.step()
+    for n, p in net.named_parameters():
+        expected = ref_lars(w0[n].flatten().tolist(), all_grads[n], [0.3, 0.3], wd=0.05, eta=0.01, m=0.9,
+                            exclude=False)
+        torch.testing.assert_close(p.detach().flatten(), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    # under "lars" the same biases would have taken plain SGD steps: the results differ
+    assert len(lars.param_groups(net, "lars")) == 2
+
+
 def test_zero_weight_uses_trust_one():
     # |w| = 0 -> trust ratio 1 (not 0): u = g + wd * 0 = g
     w = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))

@@ -95,7 +95,7 @@ def test_all_samples_on_one_prototype_gives_log_k(k):
     assert stats["kl"].item() == pytest.approx(2 * math.log(k), abs=1e-4)  # log K per view
     assert loss.item() == pytest.approx(2 * math.log(k), abs=1e-4)  # consistency ~0
     assert float(stats["entropy"]) == pytest.approx(0.0, abs=1e-4)
-    assert stats["in_use"] == 1
+    assert int(stats["in_use"]) == 1
 
 
 @pytest.mark.parametrize("k", [4, 10])
@@ -106,7 +106,7 @@ def test_uniform_batch_mean_gives_zero_kl(k):
     _, stats = losses.carl_loss(logits, logits.clone(), lam=1.0)
     assert stats["kl"].item() == pytest.approx(0.0, abs=1e-5)
     assert float(stats["entropy"]) == pytest.approx(math.log(k), abs=1e-5)
-    assert stats["in_use"] == k
+    assert int(stats["in_use"]) == k
 
 
 def test_kl_hand_computed_partial_case():

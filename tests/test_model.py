@@ -103,6 +103,7 @@ def test_carl_assigner_is_one_linear():
     assert type(m.assigner) is nn.Linear
     assert (m.assigner.in_features, m.assigner.out_features) == (128, 100)
     assert m.assigner.weight.shape == (100, 128)  # K prototype rows
+    assert m.assigner.bias is None  # thesis eq. 5.2: q_j = <z, c_j>
 
 
 def test_carp_assigner_is_mlp_with_batchnorm():
@@ -157,7 +158,8 @@ def test_proto_init_gain_scales_only_the_prototypes(method):
     scaled = models.AssignmentModel(method, "resnet18", True, 30, proto_init_gain=4.0)
     protos = (lambda m: m.assigner if method == "carl" else m.assigner[-1])
     assert torch.allclose(protos(scaled).weight, 4.0 * protos(base).weight)
-    assert torch.allclose(protos(scaled).bias, 4.0 * protos(base).bias)
+    if method == "carp":  # CARL's prototypes have no bias
+        assert torch.allclose(protos(scaled).bias, 4.0 * protos(base).bias)
     others = [k for k in base.state_dict() if not k.startswith("assigner")]
     assert all(torch.equal(base.state_dict()[k], scaled.state_dict()[k]) for k in others)
     x = torch.randn(8, 3, 32, 32)

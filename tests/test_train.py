@@ -1,29 +1,30 @@
-"""train.py end to end on the built-in synthetic dataset (CPU): outputs, loss, resume, bad inputs.
+"""train.py end to end on the built-in synthetic dataset (CPU): outputs, loss, schedules, thesis
+defaults, continuing runs, bad inputs.
 
-Run size: --train-subset 120 (12 per class), --batch-size 32, 32 px, 2 epochs
-(3 steps/epoch), every step logged. The CARL and CARP runs are module fixtures and double as the
-uninterrupted references of the resume tests.
+Run size: --train-subset 120 (12 per class), --batch-size 32, 16 px, 2 epochs (3 steps/epoch),
+every step logged, kNN monitor off unless tested. The CARL and CARP runs are module fixtures and
+double as the uninterrupted references of the resume tests. Faults a cluster causes (signals,
+killed workers, bad data, failed writes) are in test_faults.py.
 """
 import hashlib
 import json
+import math
 import os
-import shutil
-import socket
-import subprocess
-import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
+import data
 import model as models
 import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = ["--dataset", "synthetic", "--train-subset", "120", "--batch-size", "32", "--workers", "0",
-        "--epochs", "2", "--log-every", "1"]
-CARP = ["--method", "carp", "--num-prototypes", "100", "--block-size", "25"]
+BASE = ["--dataset", "synthetic", "--train-subset", "120", "--batch-size", "32", "--image-size", "16",
+        "--workers", "0", "--epochs", "2", "--log-every", "1", "--knn-every", "0"]
+CARL = ["--method", "carl", *BASE]
+CARP = ["--method", "carp", "--num-prototypes", "100", "--block-size", "25", *BASE]
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -45,24 +46,33 @@ def fingerprint(path):
     return digest, st.st_size, st.st_mtime_ns
 
 
-def cifar_resnet18():
-    net = torchvision.models.resnet18(weights=None)
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    return net
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a, b):
+    """Two run.pt files hold the same model and momentum buffers (to float rounding)."""
+    a, b = load(a), load(b)
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=1e-6, msg=k)
+    for pid, st in a["optimizer"]["state"].items():
+        torch.testing.assert_close(b["optimizer"]["state"][pid]["momentum_buffer"], st["momentum_buffer"],
+                                   rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
 def carl_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("carl") / "run")
-    run_main(["--method", "carl", *BASE, "--out-dir", out])
+    run_main([*CARL, "--out-dir", out])
     return out
 
 
 @pytest.fixture(scope="module")
 def carp_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("carp") / "run")
-    run_main([*CARP, *BASE, "--out-dir", out])
+    run_main([*CARP, "--out-dir", out])
     return out
 
 
@@ -81,10 +91,10 @@ def test_run_writes_outputs_and_loss_goes_down(which, request):
         for key in ("loss", "consistency", "kl", "lam", "lr", "in_use", "entropy"):
             assert key in r
         assert r["loss"] == pytest.approx(r["consistency"] + r["lam"] * r["kl"], rel=1e-4)
+        assert 1 <= r["in_use"] <= 64  # distinct argmax prototypes over the 2 x 32 views
     ep0 = [r["loss"] for r in log if r["epoch"] == 0]
     ep1 = [r["loss"] for r in log if r["epoch"] == 1]
     assert sum(ep1) / len(ep1) < sum(ep0) / len(ep0) - 1e-3  # epoch means: single steps are noisy
-    # the schedules: cosine lr decays, lam decays linearly from its start value
     base_lr = {**train.DEFAULTS[which], **train.DATASET_DEFAULTS.get((which, "synthetic"), {})}["lr"]
     assert log[0]["lr"] == pytest.approx(base_lr * 32 / 256)  # lr scaled by batch / 256
     assert log[-1]["lr"] < log[0]["lr"] and log[-1]["lam"] < log[0]["lam"]
@@ -93,19 +103,19 @@ def test_run_writes_outputs_and_loss_goes_down(which, request):
 @pytest.mark.parametrize("which", ["carl", "carp"])
 def test_run_pt_contents(which, request):
     out = request.getfixturevalue(f"{which}_run")
-    ckpt = torch.load(os.path.join(out, "run.pt"), map_location="cpu", weights_only=True)
-    for key in ("model", "optimizer", "scaler", "epoch", "step", "args", "rng"):
+    ckpt = load(os.path.join(out, "run.pt"))
+    for key in ("model", "optimizer", "scaler", "epoch", "step", "args", "data"):
         assert key in ckpt, key
     assert ckpt["epoch"] == 2 and ckpt["step"] == 6
+    assert ckpt["data"] == {"num_images": 120, "num_classes": 10}
     assert ckpt["args"]["method"] == which and ckpt["args"]["num_prototypes"] == 100
-    assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
+    assert ckpt["args"]["loader"] == "device"  # the default for synthetic: the path GPU runs take
     prototypes = ckpt["model"]["assigner.weight" if which == "carl" else "assigner.3.weight"]
     assert prototypes.shape == (100, 128 if which == "carl" else 512)
     assert ckpt["optimizer"]["state"]  # momentum buffers were saved
     m = models.AssignmentModel(which, "resnet18", True, 100)
     m.load_state_dict(ckpt["model"])  # strict
-    # backbone.pt is the backbone of the same final model
-    sd = torch.load(os.path.join(out, "backbone.pt"), map_location="cpu", weights_only=True)
+    sd = load(os.path.join(out, "backbone.pt"))  # the backbone of the same final model
     assert sd.keys() == m.backbone.state_dict().keys()
     assert all(torch.equal(v, ckpt["model"][f"backbone.{k}"]) for k, v in sd.items())
 
@@ -113,66 +123,202 @@ def test_run_pt_contents(which, request):
 def test_lars_gives_biases_and_bn_a_scaled_lr(carp_run):
     """CARP trains with LARS: the last step's lr of the 1-d group is the weights' lr times
     LARS_EXCLUDED_LR_SCALE, and that group skips weight decay and the trust ratio."""
-    ckpt = torch.load(os.path.join(carp_run, "run.pt"), map_location="cpu", weights_only=True)
+    ckpt = load(os.path.join(carp_run, "run.pt"))
     weights, excluded = ckpt["optimizer"]["param_groups"]
     assert ckpt["args"]["optimizer"] == "lars"
     assert excluded["lars_exclude"] and excluded["weight_decay"] == 0 and not weights["lars_exclude"]
     assert weights["lr"] > 0
     assert excluded["lr"] == pytest.approx(weights["lr"] * train.LARS_EXCLUDED_LR_SCALE)
-    sgd = train.build_optimizer(train.parse_args(["--method", "carl", "--optimizer", "sgd"]),
-                                models.AssignmentModel("carl", "resnet18", True, 10), 0.1)
-    assert all(g.get("lr_scale", 1.0) == 1.0 for g in sgd.param_groups)  # plain SGD: one lr
+
+
+@pytest.mark.parametrize("optimizer,groups", [("larc", 1), ("lars", 2), ("sgd", 1)])
+def test_optimizer_kinds(optimizer, groups):
+    args = train.parse_args(["--method", "carl", "--dataset", "cifar10", "--optimizer", optimizer])
+    opt = train.build_optimizer(args, models.AssignmentModel("carl", "resnet18", True, 10), 0.1)
+    assert len(opt.param_groups) == groups
+    assert isinstance(opt, torch.optim.SGD if optimizer == "sgd" else train.lars.LARS)
+    if optimizer == "larc":  # every parameter, biases and BatchNorm included, decayed and trust-scaled
+        assert not opt.param_groups[0]["lars_exclude"] and opt.param_groups[0]["weight_decay"] == 5e-4
 
 
 @pytest.mark.parametrize("which", ["carl", "carp"])
 def test_backbone_pt_loads_into_torchvision(which, request):
     out = request.getfixturevalue(f"{which}_run")
-    sd = torch.load(os.path.join(out, "backbone.pt"), map_location="cpu", weights_only=True)
-    net = cifar_resnet18()
+    sd = load(os.path.join(out, "backbone.pt"))
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
     res = net.load_state_dict(sd, strict=False)
     assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
-    # trained: the weights moved away from a fresh initialisation with the same seed
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # trained: the weights moved away from the seed-0 initialisation
     fresh = models.AssignmentModel(which, "resnet18", True, 100).backbone.state_dict()
     assert not torch.equal(fresh["conv1.weight"], sd["conv1.weight"])
 
 
-@pytest.mark.parametrize("argv,views", [(["--method", "carl"], "carl"), (["--method", "carp"], "carp"),
-                                        (["--method", "carp", "--views", "carl"], "carl")])
-def test_views_default_to_the_method(argv, views):
-    assert train.parse_args(argv).views == views
+@pytest.mark.parametrize("argv,views,loader", [
+    (["--method", "carl"], "carl", "device"), (["--method", "carp"], "carp", "device"),
+    (["--method", "carp", "--views", "carl"], "carl", "device"),
+    (["--dataset", "cifar10"], "carl", "device"), (["--dataset", "stl10"], "carl", "device"),
+    (["--dataset", "imagefolder"], "carl", "workers"),  # 224 px trees (ImageNet) do not fit in memory
+    (["--dataset", "imagefolder", "--image-size", "32"], "carl", "device"),
+    (["--dataset", "cifar10", "--loader", "workers"], "carl", "workers")])
+def test_views_and_loader_defaults(argv, views, loader):
+    args = train.parse_args(argv)
+    assert (args.views, args.loader) == (views, loader)
 
 
-# ---------------------------------------------------------------- resume
+# ---------------------------------------------------------------- thesis defaults and schedules
+
+# (method, dataset, flag, value, thesis section it comes from)
+THESIS = [
+    ("carl", "cifar10", "lr", 0.6, "5.8.4: cosine starting at 0.6"),
+    ("carl", "cifar10", "final_lr_ratio", 1e-3, "5.8.4: decaying to 0.0006"),
+    ("carl", "cifar10", "weight_decay", 5e-4, "5.8.4: weight decay 5e-4"),
+    ("carl", "cifar10", "optimizer", "larc", "5.8.4: SGD with momentum and LARS (SwAV's LARC)"),
+    ("carl", "cifar10", "num_prototypes", 100, "5.8.4: 100 prototypes for CIFAR-10"),
+    ("carl", "cifar100", "num_prototypes", 300, "5.8.4: 300 for CIFAR-100"),
+    ("carl", "stl10", "num_prototypes", 300, "5.8.4: 300 for STL-10"),
+    ("carl", "imagefolder", "num_prototypes", 3000, "5.8.4: 3000 for (DS) ImageNet, following SwAV"),
+    ("carl", "cifar10", "lam_start", 4.0, "5.6.2: b = 4"),
+    ("carl", "cifar10", "lam_end", 1.5, "5.6.2: a = 1.5"),
+    ("carl", "cifar10", "lam_epochs", 100, "5.6.2: over the first E = 100 epochs"),
+    ("carl", "stl10", "lam_start", 2.0, "5.6.1: from b = 2 on STL-10"),
+    ("carl", "stl10", "lam_end", 1.0, "5.6.1: to a = 1"),
+    ("carl", "cifar10", "epochs", 200, "5.7.1 / 5.8: 200 epochs"),
+    ("carl", "cifar10", "batch_size", 256, "5.8: batch size of 256"),
+    ("carl", "cifar10", "views", "carl", "5.8.3: SimCLR's pipeline"),
+    ("carl", "cifar10", "proto_init_gain", 1.0, "5.5: the prototypes are a linear layer (PyTorch's init)"),
+    ("carp", "imagefolder", "optimizer", "lars", "6.5.4: the LARS optimizer"),
+    ("carp", "imagefolder", "lr", 5.4, "6.5.4: set to 5.4"),
+    ("carp", "imagefolder", "final_lr_ratio", 1e-4, "6.5.4: decays to 0.00054"),
+    ("carp", "imagefolder", "weight_decay", 1e-6, "6.5.4: weight decay 1e-6"),
+    ("carp", "imagefolder", "num_prototypes", 3000, "6.5.4: N_P = 12 blocks of 250"),
+    ("carp", "imagefolder", "block_size", 250, "6.5.4: N_B = 250"),
+    ("carp", "imagefolder", "lam_start", 2.0, "6.5.4: b = 2.0"),
+    ("carp", "imagefolder", "lam_end", 0.15, "6.5.4: a = 0.15"),
+    ("carp", "imagefolder", "lam_epochs", 30, "6.5.4: during the first 30 epochs"),
+    ("carp", "imagefolder", "batch_size", 256, "6.5.4: a total batch size of 256"),
+    ("carp", "imagefolder", "warmup_epochs", 0, "6.5.4: no warm-ups"),
+    ("carp", "imagefolder", "views", "carp", "6.5.3, Listing 3: BYOL's asymmetric views"),
+]
+
+
+@pytest.mark.parametrize("method,dataset,key,value,section", THESIS, ids=[f"{m}-{d}-{k}" for m, d, k, *_ in THESIS])
+def test_thesis_defaults(method, dataset, key, value, section):
+    args = train.parse_args(["--method", method, "--dataset", dataset])
+    assert getattr(args, key) == pytest.approx(value), section
+
+
+def test_lr_schedule_ends():
+    base, final, epochs, spe = 5.4, 5.4e-4, 200, 195
+    lrs = train.lr_schedule(base, final, epochs, spe, warmup_epochs=0)
+    n = epochs * spe
+    assert lrs.shape == (n,)
+    assert lrs[0] == pytest.approx(base)  # no warm-up: the first step takes the full lr
+    last_step_error = (base - final) * (1 - math.cos(math.pi / n)) / 2
+    assert abs(lrs[-1] - final) <= last_step_error * 1.0001 and lrs[-1] >= final
+    assert np.all(np.diff(lrs) < 0)  # decreasing every step, not once an epoch
+    warm = train.lr_schedule(0.6, 6e-4, 10, 100, warmup_epochs=2)
+    assert warm[0] == 0 and warm[100] == pytest.approx(0.3) and warm[200] == pytest.approx(0.6)
+    assert np.all(np.diff(warm[:200]) > 0)
+    assert abs(warm[-1] - 6e-4) <= (0.6 - 6e-4) * (1 - math.cos(math.pi / 800)) / 2 * 1.0001
+
+
+def test_lam_schedule_ends():
+    start, end, E, epochs, spe = 2.0, 0.15, 30, 200, 10
+    lams = train.lam_schedule(start, end, E, epochs, spe)
+    assert lams.shape == (epochs * spe,)
+    assert lams[0] == start
+    assert lams[E * spe] == pytest.approx(end)  # reaches a at epoch E
+    assert np.all(lams[E * spe:] == end)  # and stays there
+    assert lams[5] == pytest.approx(start - (start - end) * 0.5 / E)  # per step: half-way through epoch 0
+    assert np.all(np.diff(lams[: E * spe + 1]) < 0)
+
+
+def test_startup_line_states_both_schedules(capsys):
+    for method, expected in (("carl", "lr 0.6 -> 0.0006 (cosine, no warm-up), lambda 4 -> 1.5 over 100 epochs"),
+                             ("carp", "lr 5.4 -> 0.00054 (cosine, no warm-up), lambda 2 -> 0.15 over 30 epochs")):
+        args = train.parse_args(["--method", method, "--dataset", "cifar10"])
+        assert train.describe_schedules(args, args.lr * args.batch_size / 256) == expected
+    args = train.parse_args(["--dataset", "cifar10", "--warmup-epochs", "10", "--batch-size", "512"])
+    assert train.describe_schedules(args, 1.2).startswith("lr 1.2 -> 0.0012 (cosine, 10-epoch warm-up)")
+
+
+def test_run_prints_the_schedules_first(tmp_path, capsys):
+    run_main([*CARL, "--epochs", "1", "--out-dir", str(tmp_path / "r")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("carl resnet18 on synthetic: 120 images")
+    assert lines[1] == "lr 0.6 -> 0.0006 (cosine, no warm-up), lambda 1.5 -> 1 over 5 epochs"
+    assert lines[2].startswith("ep 0 step 0/3 ")
+
+
+# ---------------------------------------------------------------- kNN monitor
+
+def test_knn_monitor_logs_every_epoch_and_the_gain(tmp_path, capsys):
+    out = str(tmp_path / "knn")
+    argv = [*CARL, "--epochs", "3", "--knn-every", "1", "--knn-train-subset", "200", "--knn-test-subset", "100",
+            "--out-dir", out]
+    run_main([*argv, "--until-epoch", "2"])
+    run_main(argv)  # continued: the random-init value of the first part stays the reference
+    text = capsys.readouterr().out
+    knn = [r for r in read_log(out) if "knn_top1" in r]
+    assert [(r["epoch"], r["step"]) for r in knn] == [(0, 0), (1, 3), (2, 6), (3, 9)]
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
+    assert "knn ep 0: top-1" in text and "(random init)" in text
+    gain = knn[-1]["knn_top1"] - knn[0]["knn_top1"]
+    assert f"kNN top-1 (k=200): {knn[0]['knn_top1']:.2f} at epoch 0 (random init) -> {knn[-1]['knn_top1']:.2f} " \
+           f"at epoch 3: {gain:+.2f} points" in text
+    # the monitor scores what evaluate.py would: its kNN on the same subsets of the final backbone
+    monitor = train.KnnMonitor(train.parse_args(argv), torch.device("cpu"))
+    net, _ = models.build_backbone("resnet18", True)
+    net.load_state_dict(load(os.path.join(out, "backbone.pt")))
+    assert monitor(net)[0] == pytest.approx(knn[-1]["knn_top1"], abs=0.01)
+
+
+def test_knn_monitor_subset_must_split_into_classes():
+    with pytest.raises(SystemExit, match=r"--knn-test-subset 55 is not a multiple of the 10 classes"):
+        train.KnnMonitor(train.parse_args([*CARL, "--knn-every", "1", "--knn-test-subset", "55"]), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- the same command continues
 
 @pytest.mark.parametrize("which", ["carl", "carp"])
-def test_resume_matches_uninterrupted_run(tmp_path, request, which):
-    """--until-epoch 1, then --resume: same weights, optimizer state and log as the uninterrupted run."""
-    argv = ["--method", "carl", *BASE] if which == "carl" else [*CARP, *BASE]
+def test_same_command_continues_and_matches_uninterrupted_run(tmp_path, request, which, capsys):
+    argv = CARL if which == "carl" else CARP
     full = request.getfixturevalue(f"{which}_run")
     split = str(tmp_path / "split")
     run_main([*argv, "--until-epoch", "1", "--out-dir", split])
-    half = torch.load(os.path.join(split, "run.pt"), weights_only=True)
+    half = load(os.path.join(split, "run.pt"))
     assert half["epoch"] == 1 and half["step"] == 3
-    assert {r["epoch"] for r in read_log(split)} == {0}
-    run_main([*argv, "--resume", os.path.join(split, "run.pt"), "--out-dir", split])
-    a = torch.load(os.path.join(full, "run.pt"), weights_only=True)
-    b = torch.load(os.path.join(split, "run.pt"), weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 6
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=1e-6, msg=k)
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    for pid, st in a["optimizer"]["state"].items():
-        torch.testing.assert_close(b["optimizer"]["state"][pid]["momentum_buffer"], st["momentum_buffer"],
-                                   rtol=0, atol=1e-6)
-    # the resumed run did continue: the epoch-1 weights differ from the final ones
-    assert any(not torch.equal(half["model"][k], b["model"][k]) for k in a["model"] if k.endswith("weight"))
+    run_main([*argv, "--until-epoch", "1", "--out-dir", split])  # that piece is done: nothing happens
+    assert "is finished: 1 of 2 epochs done (--until-epoch 1); nothing to do" in capsys.readouterr().out
+    assert load(os.path.join(split, "run.pt"))["step"] == 3
+    run_main([*argv, "--out-dir", split])  # no --resume: the out-dir's run.pt is continued
+    assert "continuing" in capsys.readouterr().out
+    assert_same_weights(os.path.join(full, "run.pt"), os.path.join(split, "run.pt"))
+    final = load(os.path.join(split, "run.pt"))
+    assert any(not torch.equal(half["model"][k], final["model"][k]) for k in final["model"] if k.endswith("weight"))
     la, lb = read_log(full), read_log(split)
     assert [r["step"] for r in lb] == [r["step"] for r in la] == list(range(6))
     for ra, rb in zip(la, lb):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
+    run_main([*argv, "--out-dir", split])  # a finished run run again exits at once
+    assert "is finished: 2 of 2 epochs done; nothing to do" in capsys.readouterr().out
 
+
+def test_resume_from_elsewhere_then_out_dir_wins(tmp_path, carl_run, capsys):
+    """--resume starts a new out-dir from another run.pt; once the out-dir has its own, that one wins,
+    so the same command (with --resume still in it) keeps working after a requeue."""
+    src = str(tmp_path / "src")
+    run_main([*CARL, "--until-epoch", "1", "--out-dir", src])
+    dst = str(tmp_path / "dst")
+    run_main([*CARL, "--until-epoch", "1", "--resume", os.path.join(src, "run.pt"), "--out-dir", dst])
+    assert "is finished: 1 of 2 epochs done" in capsys.readouterr().out and not os.path.exists(dst)
+    run_main([*CARL, "--resume", os.path.join(src, "run.pt"), "--out-dir", dst])
+    assert f"continuing {os.path.join(src, 'run.pt')} at step 3" in capsys.readouterr().out
+    run_main([*CARL, "--resume", os.path.join(src, "run.pt"), "--out-dir", dst])
+    assert f"{os.path.join(dst, 'run.pt')} is finished" in capsys.readouterr().out
+    assert_same_weights(os.path.join(carl_run, "run.pt"), os.path.join(dst, "run.pt"))
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -183,7 +329,7 @@ def existing_run(tmp_path, src=None):
     d.mkdir()
     path = d / "run.pt"
     if src:
-        shutil.copy(src, path)
+        path.write_bytes(open(src, "rb").read())
     else:
         path.write_bytes(b"precious checkpoint bytes")
     return str(d), fingerprint(path)
@@ -204,7 +350,10 @@ def assert_untouched(d, fp):
     (["--epochs", "2", "--until-epoch", "3"], r"--until-epoch 3 must lie in 1\.\.--epochs 2"),
     (["--batch-size", "0"], r"--batch-size must be positive"),
     (["--proto-init-gain", "0"], r"--proto-init-gain must be positive"),
-    (["--optimizer", "adam"], r"unknown --optimizer 'adam'"),
+    (["--final-lr-ratio", "0"], r"--final-lr-ratio must be positive"),
+    (["--ckpt-every-min", "0"], r"--ckpt-every-min must be positive"),
+    (["--knn-every", "-1"], r"--knn-every must be 0 \(off\) or positive"),
+    (["--optimizer", "adam"], r"unknown --optimizer 'adam'; choose larc, lars or sgd"),
 ])
 def test_bad_flags_exit_before_any_work(tmp_path, argv, match):
     d, fp = existing_run(tmp_path)
@@ -212,18 +361,10 @@ def test_bad_flags_exit_before_any_work(tmp_path, argv, match):
         run_main([*argv, "--workers", "0", "--out-dir", d])
     assert e.value.code not in (0, None)
     assert_untouched(d, fp)
-    # also into a fresh out-dir: nothing is created
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "fresh"  # also into a fresh out-dir: nothing is created
     with pytest.raises(SystemExit, match=match):
         run_main([*argv, "--workers", "0", "--out-dir", str(fresh)])
     assert not fresh.exists()
-
-
-def test_fresh_run_into_existing_out_dir_refuses(tmp_path):
-    d, fp = existing_run(tmp_path)
-    with pytest.raises(SystemExit, match=r"run\.pt exists; continue it with --resume"):
-        run_main(["--method", "carl", *BASE, "--out-dir", d])
-    assert_untouched(d, fp)
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty"])
@@ -238,18 +379,21 @@ def test_imagefolder_missing_data_dir(tmp_path, layout):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--method", "carp", "--num-prototypes", "100", "--block-size", "25"], r"method='carl'.*method='carp'"),
-    (["--method", "carl", "--arch", "resnet50"], r"arch='resnet18'.*arch='resnet50'"),
-    (["--method", "carl", "--num-prototypes", "200"], r"num_prototypes=100.*num_prototypes=200"),
-    (["--method", "carl", "--no-cifar-stem"], r"cifar_stem=True.*cifar_stem=False"),
-    (["--method", "carl", "--views", "carp"], r"views='carl'.*views='carp'"),
+    (CARP, r"run with --method carl, but this command has --method carp"),
+    ([*CARL, "--arch", "resnet50"], r"run with --arch resnet18, but this command has --arch resnet50"),
+    ([*CARL, "--num-prototypes", "200"], r"--num-prototypes 100, but this command has --num-prototypes 200"),
+    ([*CARL, "--no-cifar-stem"], r"--cifar-stem True, but this command has --cifar-stem False"),
+    ([*CARL, "--views", "carp"], r"--views carl, but this command has --views carp"),
+    ([*CARL, "--loader", "workers"], r"--loader device, but this command has --loader workers"),
+    ([*CARL, "--lr", "1.0"], r"--lr 4.8, but this command has --lr 1.0"),
+    ([*CARL, "--epochs", "3"], r"--epochs 2, but this command has --epochs 3"),
+    ([*CARL, "--seed", "1"], r"--seed 0, but this command has --seed 1"),
+    ([*CARL, "--batch-size", "24"], r"--batch-size 32, but this command has --batch-size 24"),
 ])
-def test_resume_from_incompatible_checkpoint(tmp_path, carl_run, argv, match):
+def test_continuing_with_other_flags_is_refused(tmp_path, carl_run, argv, match):
     d, fp = existing_run(tmp_path, src=os.path.join(carl_run, "run.pt"))
-    ckpt = os.path.join(d, "run.pt")
     with pytest.raises(SystemExit, match=match):
-        run_main([*argv, "--dataset", "synthetic", "--train-subset", "120", "--batch-size", "32",
-                  "--workers", "0", "--epochs", "2", "--resume", ckpt, "--out-dir", d])
+        run_main([*argv, "--out-dir", d])
     assert_untouched(d, fp)
 
 
@@ -258,7 +402,7 @@ def test_resume_from_incompatible_checkpoint(tmp_path, carl_run, argv, match):
     (None, r"cannot read checkpoint"),  # a truncated real torch file
     ("not-run-pt", r"not a run\.pt written by train\.py"),
 ])
-def test_resume_from_corrupt_checkpoint(tmp_path, content, match):
+def test_corrupt_checkpoint_in_out_dir(tmp_path, content, match):
     d = tmp_path / "existing"
     d.mkdir()
     path = d / "run.pt"
@@ -271,53 +415,18 @@ def test_resume_from_corrupt_checkpoint(tmp_path, content, match):
         path.write_bytes(content)
     fp = fingerprint(path)
     with pytest.raises(SystemExit, match=match):
-        run_main(["--method", "carl", *BASE, "--resume", str(path), "--out-dir", str(d)])
+        run_main([*CARL, "--out-dir", str(d)])
     assert_untouched(str(d), fp)
 
 
 def test_resume_from_missing_checkpoint(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=r"checkpoint .*nope\.pt does not exist"):
-        run_main(["--method", "carl", *BASE, "--resume", str(tmp_path / "nope.pt"), "--out-dir", str(out)])
+        run_main([*CARL, "--resume", str(tmp_path / "nope.pt"), "--out-dir", str(out)])
     assert not out.exists()
 
 
-# ---------------------------------------------------------------- torchrun (2 CPU processes, gloo)
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args, timeout):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_torchrun_batch_not_divisible_by_world(tmp_path):
-    d, fp = existing_run(tmp_path)
-    p = torchrun(["--method", "carl", "--dataset", "synthetic", "--batch-size", "33", "--workers", "0",
-                  "--out-dir", d], timeout=120)
-    out = p.stdout + p.stderr
-    assert p.returncode != 0, out
-    assert "--batch-size 33 is not divisible by the 2 processes" in out, out
-    assert_untouched(d, fp)
-
-
-def test_torchrun_two_process_smoke(tmp_path):
-    out = str(tmp_path / "ddp")
-    p = torchrun(["--method", "carp", "--num-prototypes", "40", "--block-size", "10", "--dataset", "synthetic",
-                  "--train-subset", "40", "--batch-size", "16", "--image-size", "16", "--workers", "0",
-                  "--epochs", "1", "--log-every", "1", "--out-dir", out], timeout=180)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "2 process(es)" in p.stdout
-    ckpt = torch.load(os.path.join(out, "run.pt"), weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 2  # 40 images / global batch 16 -> 2 steps
-    assert os.path.isfile(os.path.join(out, "backbone.pt"))
-    log = read_log(out)
-    assert [r["step"] for r in log] == [0, 1]  # rank 0 only writes the log
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+def test_device_loader_refuses_a_split_that_does_not_fit(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "sysconf", lambda name: 1000)  # ~0.5 MB of "free memory"
+    with pytest.raises(SystemExit, match=r"synthetic pretrain needs .* GiB held whole; use --loader workers"):
+        run_main(["--method", "carl", "--workers", "0", "--out-dir", str(tmp_path / "r")])

@@ -1,0 +1,152 @@
+"""Training throughput in views/s, all measured in one run on one machine:
+
+  (a) bare: forward + backward + optimizer step on random tensors (the ceiling)
+  (b) train.py's loop with --loader workers (PIL views in DataLoader processes)
+  (c) train.py's loop with --loader device  (views made on the training device, in batches)
+
+then the ratios (b)/(a) and (c)/(a), and where a step's time goes (data alone for each loader,
+forward + backward, optimizer step with the foreach LARS against a per-parameter loop).
+
+    python benchmarks/throughput.py                                        # CPU: synthetic, 16 px, batch 32
+    python benchmarks/throughput.py --dataset imagefolder --data-dir ../shared/data/cifar10 \
+        --image-size 32 --batch-size 256 --steps 60 --workers 16          # GPU: CIFAR-10, the thesis's batch
+
+Extra flags go to train.py (e.g. --method carp, --compile, --amp off). Prints one line per
+measurement and a final JSON line.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import model as models  # noqa: E402
+import train  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, steps, device, warmup=3):
+    """Seconds per call of fn() after `warmup` calls, the device synchronised around the timing."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def loop_rate(flags, loader, steps, batch):
+    """views/s of train.main over `steps` steps, from its log's timestamps (the first log interval,
+    with start-up and warm-up, left out)."""
+    with tempfile.TemporaryDirectory() as out:
+        log_every = max(1, steps // 6)
+        subset = -(-steps * batch // 100) * 100  # a multiple of the classes (10 or 100)
+        train.main([*flags, "--loader", loader, "--epochs", "1", "--train-subset", str(subset),
+                    "--log-every", str(log_every), "--knn-every", "0", "--ckpt-every-min", "1e9", "--out-dir", out])
+        log = [r for r in train.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+    first, last = log[1], log[-1]
+    return 2 * batch * (last["step"] - first["step"]) / (last["time"] - first["time"])
+
+
+def per_parameter_lars_step(optimizer):
+    """The LARS step as one small-kernel sequence per parameter (what lars.py did before foreach)."""
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                u = w.grad
+                if not group["lars_exclude"]:
+                    u = u.add(w, alpha=group["weight_decay"])
+                    w_norm, u_norm = torch.norm(w), torch.norm(u)
+                    u = u.mul(torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0))
+                v = optimizer.state[w]["momentum_buffer"]
+                v.mul_(group["momentum"]).add_(u)
+                w.add_(v, alpha=-group["lr"])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    opts, extra = p.parse_known_args()
+    flags = ["--dataset", opts.dataset, "--data-dir", opts.data_dir, "--image-size", str(opts.image_size),
+             "--batch-size", str(opts.batch_size), "--workers", str(opts.workers), *extra]
+    args = train.parse_args([*flags, "--knn-every", "0"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.amp is None:
+        args.amp = "bf16" if device.type == "cuda" or train.cpu_has_native_bf16() else "off"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}; {args.method} {args.arch}, {args.image_size} px, batch {args.batch_size}, amp {args.amp}"
+          f"{', compiled' if args.compile else ''}; {opts.steps} timed steps", flush=True)
+    views = 2 * args.batch_size
+    results = {"device": name, "batch": args.batch_size, "image_size": args.image_size, "amp": args.amp}
+
+    # (a) the bare step, and its split
+    torch.manual_seed(0)
+    model = models.AssignmentModel(args.method, args.arch, args.cifar_stem, args.num_prototypes,
+                                   args.proto_init_gain).to(device, memory_format=torch.channels_last)
+    net = torch.compile(model) if args.compile else model
+    optimizer = train.build_optimizer(args, model, args.lr * args.batch_size / 256)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
+                              enabled=args.amp != "off")
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    step = lambda: train.train_step(net, optimizer, scaler, autocast, x, x, args, 1.0, 0)  # noqa: E731
+    results["bare"] = views / timed(step, opts.steps, device)
+    print(f"(a) bare step:            {results['bare']:9.0f} views/s", flush=True)
+    saved_step, optimizer.step = optimizer.step, lambda: None  # forward + backward alone
+    t_fb = timed(step, opts.steps, device)
+    optimizer.step = saved_step
+    t_opt = timed(optimizer.step, opts.steps, device)
+    if isinstance(optimizer, train.lars.LARS):
+        t_loop = timed(lambda: per_parameter_lars_step(optimizer), opts.steps, device)
+        print(f"    optimizer step: {1e3 * t_opt:.2f} ms with foreach, {1e3 * t_loop:.2f} ms as a per-parameter loop",
+              flush=True)
+        results["lars_loop_ms"] = 1e3 * t_loop
+
+    # data alone, per loader: the views of `steps` batches
+    source, _ = train.load_pretrain_data(train.parse_args([*flags, "--loader", "device"]), device, None)
+    if device.type == "cuda":
+        results["dataset_gpu_mib"] = source.numel() / 2 ** 20
+    t_data = {}
+    for loader in ("workers", "device"):
+        a = train.parse_args([*flags, "--loader", loader, "--knn-every", "0"])
+        src = source if loader == "device" else train.load_pretrain_data(a, device, None)[0]
+        batches = data.Batches(len(src), a.batch_size, 1, 0, a.seed, 0, opts.steps + 3)
+        it = train.pretrain_batches(a, src, batches, 0, device)
+        t_data[loader] = timed(lambda: next(it), opts.steps, device)
+        print(f"    data alone, {loader:7s}: {views / t_data[loader]:9.0f} views/s", flush=True)
+    print(f"    split of the bare step: forward+backward {1e3 * t_fb:.1f} ms, optimizer {1e3 * t_opt:.1f} ms; "
+          f"views {1e3 * t_data['device']:.1f} ms (device) / {1e3 * t_data['workers']:.1f} ms (workers)", flush=True)
+    results.update(fwd_bwd_ms=1e3 * t_fb, optimizer_ms=1e3 * t_opt,
+                   data_device_ms=1e3 * t_data["device"], data_workers_ms=1e3 * t_data["workers"])
+
+    # (b), (c): train.py's own loop
+    for tag, loader in (("b", "workers"), ("c", "device")):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        results[loader] = loop_rate(flags, loader, max(opts.steps, 12), args.batch_size)
+        mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""
+        print(f"({tag}) train.py --loader {loader:7s}: {results[loader]:9.0f} views/s, "
+              f"{results[loader] / results['bare']:.2f} of (a){mem}", flush=True)
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""What clusters do to runs, on CPU: preemption signals, mid-epoch checkpoints, a worker killed under
+torchrun, unreadable images, a data directory that changed, a checkpoint write that fails. Each
+interrupted run must end with the same weights as an uninterrupted one, every step logged once."""
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from test_train import CARL, assert_same_weights, fingerprint, load, read_log, run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def stop_at(monkeypatch, step, signum=signal.SIGTERM):
+    """Send this process `signum` while train step `step` runs, as a scheduler would."""
+    real = train.train_step
+
+    def step_then_signal(*args):
+        out = real(*args)
+        if args[-1] == step:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+
+
+@pytest.fixture(scope="module")
+def workers_run(tmp_path_factory):
+    """The uninterrupted reference for the PIL path: --loader workers with 2 DataLoader workers."""
+    out = str(tmp_path_factory.mktemp("workers") / "run")
+    run_main([*CARL, "--loader", "workers", "--workers", "2", "--out-dir", out])
+    return out
+
+
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("device") / "run")
+    run_main([*CARL, "--out-dir", out])
+    return out
+
+
+# ---------------------------------------------------------------- preemption and mid-epoch checkpoints
+
+@pytest.mark.parametrize("loader,signum", [("device", signal.SIGTERM), ("workers", signal.SIGUSR1)])
+def test_signal_mid_epoch_then_same_command_matches_uninterrupted(tmp_path, monkeypatch, capsys, request,
+                                                                  loader, signum):
+    argv = [*CARL, "--loader", loader, "--workers", "2" if loader == "workers" else "0"]
+    reference = request.getfixturevalue(f"{loader}_run")
+    out = str(tmp_path / "run")
+    stop_at(monkeypatch, 3, signum)  # epoch 1, its first of 3 steps
+    with pytest.raises(SystemExit) as e:
+        run_main([*argv, "--out-dir", out])
+    assert e.value.code == 128 + signum
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} after step 4 of 6 (epoch 1, step 1 of 3)" in capsys.readouterr().out
+    assert load(os.path.join(out, "run.pt"))["step"] == 4  # written at the step it stopped, mid-epoch
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]
+    monkeypatch.undo()
+    run_main([*argv, "--out-dir", out])  # the same command: continues at step 4, nothing repeated or skipped
+    assert "continuing" in capsys.readouterr().out
+    assert_same_weights(os.path.join(reference, "run.pt"), os.path.join(out, "run.pt"))
+    assert [r["step"] for r in read_log(out)] == list(range(6))
+
+
+def test_views_do_not_depend_on_the_worker_count(tmp_path, workers_run):
+    out = str(tmp_path / "run")
+    run_main([*CARL, "--loader", "workers", "--workers", "0", "--out-dir", out])
+    assert_same_weights(os.path.join(workers_run, "run.pt"), os.path.join(out, "run.pt"))
+
+
+def test_checkpoints_inside_an_epoch(tmp_path, monkeypatch):
+    saved = []
+    real = train.atomic_save
+    monkeypatch.setattr(train, "atomic_save", lambda obj, path: (saved.append(obj.get("step")), real(obj, path)))
+    clock = iter(range(0, 10 ** 6, 7))  # every call to time.time() is 7 s later than the last
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    run_main([*CARL, "--ckpt-every-min", "0.2", "--out-dir", str(tmp_path / "r")])  # 12 s
+    assert [s for s in saved if s is not None] == [1, 2, 3, 4, 5, 6]  # run.pt after every step, not only 3 and 6
+
+
+def test_real_sigterm_to_the_process_group(tmp_path):
+    """A scheduler's SIGTERM reaches the main process and its DataLoader workers: the run stops at a
+    step, writes run.pt there and exits 143; the same command continues to the end."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "train.py", *CARL, "--epochs", "4", "--loader", "workers", "--workers", "1",
+           "--out-dir", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    wait_for_step(out, 1, p)
+    os.killpg(p.pid, signal.SIGTERM)
+    text = p.communicate(timeout=120)[0]
+    assert p.returncode == 143, text
+    stopped = [line for line in text.splitlines() if line.startswith("stopped by SIGTERM after step")]
+    assert stopped, text
+    step = int(stopped[0].split()[5])
+    assert 1 < step < 12 and load(os.path.join(out, "run.pt"))["step"] == step
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"continuing {os.path.join(out, 'run.pt')} at step {step} of 12" in done.stdout
+    assert [r["step"] for r in read_log(out)] == list(range(12))
+    assert load(os.path.join(out, "run.pt"))["step"] == 12
+
+
+def wait_for_step(out, step, proc, timeout=120):
+    """Poll log.jsonl until it holds `step` (the process must still be running)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            if any(r.get("step", -1) >= step and "loss" in r for r in read_log(out)):
+                return
+        except (FileNotFoundError, ValueError):  # not written yet, or a line half written
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} never logged")
+
+
+# ---------------------------------------------------------------- failed writes
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    real = torch.save
+    calls = []
+
+    def full_disk_on_second_run_pt(obj, path, *a, **kw):
+        if str(path).endswith("run.pt.tmp"):
+            calls.append(path)
+            if len(calls) == 2:
+                real(obj, path, *a, **kw)  # the partial file exists when the disk fills up
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk_on_second_run_pt)
+    with pytest.raises(SystemExit, match=r"could not write .*run\.pt \(OSError: \[Errno 28\] No space left on "
+                                         r"device\); the previous one is intact"):
+        run_main([*CARL, "--out-dir", str(out)])
+    assert load(out / "run.pt")["step"] == 3  # epoch 0's checkpoint, untouched
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+    run_main([*CARL, "--out-dir", str(out)])  # space freed: the same command finishes the run
+    assert load(out / "run.pt")["step"] == 6
+
+
+# ---------------------------------------------------------------- bad data
+
+def image_tree(root, per_class=4, px=16):
+    """An ImageFolder tree: train/ and test/ with `per_class` PNGs in each of 10 classes."""
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c in range(10):
+            os.makedirs(root / split / f"c{c}", exist_ok=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (px, px, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+FOLDER = ["--dataset", "imagefolder", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "0",
+          "--knn-every", "0", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("loader,workers", [("device", "0"), ("workers", "1")])
+def test_unreadable_image_names_the_file_and_keeps_the_checkpoint(tmp_path, loader, workers):
+    tree = image_tree(tmp_path / "data")
+    argv = [*FOLDER, "--data-dir", str(tree), "--loader", loader, "--workers", workers,
+            "--out-dir", str(tmp_path / "out")]
+    run_main([*argv, "--until-epoch", "1"])  # a good first epoch (and, for the device loader, a decoded cache)
+    ckpt = tmp_path / "out" / "run.pt"
+    fp = fingerprint(ckpt)
+    bad = tree / "train" / "c3" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated mid-file
+    with pytest.raises(SystemExit, match=rf"^error: cannot read image {bad}: "):
+        run_main(argv)
+    assert fingerprint(ckpt) == fp
+
+
+def test_changed_data_dir_is_refused(tmp_path):
+    tree = image_tree(tmp_path / "data")
+    argv = [*FOLDER, "--data-dir", str(tree), "--out-dir", str(tmp_path / "out")]
+    run_main([*argv, "--until-epoch", "1"])
+    Image.new("RGB", (16, 16)).save(tree / "train" / "c0" / "extra.png")
+    with pytest.raises(SystemExit, match=r"imagefolder under .* now has 41 images in 10 classes, but .*run\.pt was "
+                                         r"trained on 40 in 10"):
+        run_main(argv)
+
+
+# ---------------------------------------------------------------- torchrun (2 CPU processes, gloo)
+
+DDP = ["--method", "carp", "--num-prototypes", "40", "--block-size", "10", "--dataset", "synthetic",
+       "--train-subset", "200", "--batch-size", "16", "--image-size", "16", "--workers", "0", "--epochs", "3",
+       "--log-every", "1", "--knn-every", "1", "--knn-train-subset", "100", "--knn-test-subset", "50"]
+STEPS = 3 * (200 // 16)  # 12 steps per epoch, 36 in all
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, restarts=0):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # see README: restarts read stale keys otherwise
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+           f"--max-restarts={restarts}", "--monitor-interval=0.1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "train.py", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def workers_of(pid):
+    """The pids of the processes `pid` started (torchrun's workers), from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:  # the parent pid
+                children.append(int(entry))
+    return sorted(children)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp") / "run")
+    p = torchrun([*DDP, "--out-dir", out])
+    text = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, text
+    return out, text
+
+
+def test_torchrun_two_processes(ddp_reference):
+    out, text = ddp_reference
+    assert "2 process(es)" in text
+    assert load(os.path.join(out, "run.pt"))["step"] == STEPS
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == list(range(STEPS))  # rank 0 alone writes the log
+    assert [r["epoch"] for r in log if "knn_top1" in r] == [0, 1, 2, 3]  # rank 1 waited for each
+
+
+def test_torchrun_restarts_a_killed_worker(tmp_path, ddp_reference):
+    out = str(tmp_path / "run")
+    p = torchrun([*DDP, "--out-dir", out], restarts=1)
+    wait_for_step(out, STEPS // 3 + 1, p)  # epoch 1 under way: epoch 0's run.pt is written
+    victim = workers_of(p.pid)[-1]
+    os.kill(victim, signal.SIGKILL)
+    text = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, text
+    resumed = [line for line in text.splitlines() if line.startswith("continuing")]
+    assert len(resumed) == 1 and f"at step {STEPS // 3} of {STEPS}" in resumed[0], text
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(STEPS))  # each step logged once
+    assert_same_weights(os.path.join(ddp_reference[0], "run.pt"), os.path.join(out, "run.pt"))
+
+
+def test_torchrun_ranks_agree_on_the_stop_step(tmp_path, ddp_reference):
+    """SIGTERM to one worker only: both ranks stop after the same step (otherwise DDP would hang or
+    fail), rank 0 writes run.pt there, torchrun restarts them and the run ends as an uninterrupted one."""
+    out = str(tmp_path / "run")
+    p = torchrun([*DDP, "--out-dir", out], restarts=1)
+    wait_for_step(out, STEPS // 3 + 2, p)
+    os.kill(workers_of(p.pid)[-1], signal.SIGTERM)
+    text = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, text
+    stopped = [line for line in text.splitlines() if line.startswith("stopped by SIGTERM after step")]
+    assert len(stopped) == 1, text
+    step = int(stopped[0].split()[5])
+    assert f"continuing {os.path.join(out, 'run.pt')} at step {step} of {STEPS}" in text
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(STEPS))
+    assert_same_weights(os.path.join(ddp_reference[0], "run.pt"), os.path.join(out, "run.pt"))
+
+
+def test_torchrun_batch_not_divisible_by_world(tmp_path):
+    p = torchrun(["--method", "carl", "--dataset", "synthetic", "--batch-size", "33", "--workers", "0",
+                  "--out-dir", str(tmp_path / "r")])
+    text = p.communicate(timeout=120)[0]
+    assert p.returncode != 0
+    assert "--batch-size 33 is not divisible by the 2 processes" in text
+    assert not (tmp_path / "r").exists()
