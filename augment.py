@@ -119,7 +119,7 @@ def eval_view(size, dataset):
 
 
 def train_view(size, dataset):
-    """Light augmentation for supervised heads (linear probe with --linear-aug, fine-tuning):
+    """Light augmentation for supervised heads (the linear-aug probe, fine-tuning):
     random resized crop and flip."""
     return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), *_finish(dataset)])
 

@@ -19,34 +19,36 @@ import torchvision
 from PIL import Image
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
-IMAGE_SIZE = {"synthetic": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224}
+SYNTHETIC_PX = 24  # side of the built-in images: the quickstart's image size (RESULTS.md)
+IMAGE_SIZE = {"synthetic": SYNTHETIC_PX, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224}
 SPLITS = ("pretrain", "train", "test")
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """10 classes of 32x32 images, generated deterministically from a seed: a light shape (disk,
-    square, triangle, plus, ring, diamond, X, horizontal bar, stripes, checkerboard) of random
-    size and position on a dark noisy background. Within a class only what the views vary
-    (position, scale, a little colour) varies, so features that learned the views' invariances
-    separate the classes (kNN k=200: 85% after the 155-step quickstart), while a random
-    network's features also encode position and scale (37%). Random per-image colours, an
-    earlier design, gave the views a shortcut: colour survives both views, so training matched
-    images by colour and kNN on shape stayed near chance (RESULTS.md)."""
+    """10 classes of SYNTHETIC_PX-square images, generated deterministically from a seed: a light
+    shape (disk, square, triangle, plus, ring, diamond, X, horizontal bar, stripes, checkerboard)
+    of random size and position on a dark noisy background, drawn at their own size (downsampling
+    32 px drawings gave a random network a 47% kNN head start at 16 px; RESULTS.md). Within a class
+    only what the views vary (position, scale, a little colour) varies, so features that learned
+    the views' invariances separate the classes, while a random network's features also encode
+    position and scale. Random per-image colours, an earlier design, gave the views a shortcut:
+    colour survives both views, so training matched images by colour and kNN on shape stayed
+    near chance (RESULTS.md)."""
 
     classes = ["disk", "square", "triangle", "plus", "ring", "diamond", "x", "bar", "stripes", "checker"]
 
-    def __init__(self, split, transform=None, size=2000, seed=0):
+    def __init__(self, split, transform=None, size=2000, seed=0, px=SYNTHETIC_PX):
         rng = np.random.default_rng([seed, {"pretrain": 0, "train": 0, "test": 1}[split]])
         if split == "test":
             size = size // 4
         self.targets = [i % 10 for i in range(size)]
-        self.images = np.stack([self._draw(c, rng) for c in self.targets])  # (N, 32, 32, 3) uint8
+        self.images = np.stack([self._draw(c, rng, px) for c in self.targets])  # (N, px, px, 3) uint8
         self.transform = transform
 
     @staticmethod
-    def _draw(label, rng, px=32):
+    def _draw(label, rng, px):
         yy, xx = np.mgrid[0:px, 0:px].astype(np.float32)
-        r = rng.uniform(7, 13)  # half-size of the shape
+        r = rng.uniform(7, 13) * px / 32  # half-size of the shape
         cy, cx = rng.uniform(r, px - r, size=2)
         dy, dx = (yy - cy) / r, (xx - cx) / r  # in [-1, 1] inside the shape's box
         box = (abs(dy) <= 1) & (abs(dx) <= 1)

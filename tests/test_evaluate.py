@@ -204,7 +204,7 @@ def test_backbone_pt_loads_with_stem_detected(run_dir, capsys):
     assert from_backbone == from_run  # same weights, same numbers
     record = read_records(run_dir / "eval.jsonl")[-1]
     assert record["pretrain_dataset"] is None and record["ckpt_epoch"] is None
-    assert record["settings"]["cifar_stem"] is True and record["settings"]["image_size"] == 32
+    assert record["settings"]["cifar_stem"] is True and record["settings"]["image_size"] == data.SYNTHETIC_PX
     assert "pretrained on unknown" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="does not fit --arch resnet18 without the cifar stem"):
         evaluate.main(["--ckpt", str(run_dir / "backbone.pt"), "--no-cifar-stem", *knn])
@@ -255,9 +255,9 @@ def test_image_size_from_what_it_knows(run_dir, tmp_path, capsys):
     assert err.startswith("warning: the images are 32x32 px") and "resized 2.5x to 80 px" in err
     line, err = first_line_and_warning(run_dir / "backbone.pt", large)  # not small, but the cifar stem
     assert "at 72 px (the images' own size)" in line and err == ""
-    # a run.pt: its training size (32), whatever the images
+    # a run.pt: its training size (synthetic's 24), whatever the images
     line, err = first_line_and_warning(run_dir / "run.pt", large)
-    assert "at 32 px (the checkpoint's training size)" in line and "resized 0.44x to 32 px" in err  # 2.25x down
+    assert "at 24 px (the checkpoint's training size)" in line and "resized 0.33x to 24 px" in err  # 3x down
     # an imagenet-stem backbone.pt over large images: the dataset's default
     torch.save(models.build_backbone("resnet18", False)[0].state_dict(), tmp_path / "imagenet_stem.pt")
     line, err = first_line_and_warning(tmp_path / "imagenet_stem.pt", large)

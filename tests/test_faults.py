@@ -19,6 +19,22 @@ from test_train import CARL, assert_same_weights, fingerprint, load, read_log, r
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+STARTED = []  # subprocesses this module started
+
+
+@pytest.fixture(autouse=True)
+def kill_leftovers():
+    """A failed test must not leave training processes behind (torchrun's workers included)."""
+    yield
+    for p in STARTED:
+        if p.poll() is None:
+            for pid in workers_of(p.pid):
+                os.kill(pid, signal.SIGKILL)
+            p.kill()
+            p.wait()
+    STARTED.clear()
+
+
 def stop_at(monkeypatch, step, signum=signal.SIGTERM):
     """Send this process `signum` while train step `step` runs, as a scheduler would."""
     real = train.train_step
@@ -95,6 +111,7 @@ def test_real_sigterm_to_the_process_group(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
+    STARTED.append(p)
     wait_for_step(out, 1, p)
     os.killpg(p.pid, signal.SIGTERM)
     text = p.communicate(timeout=120)[0]
@@ -214,7 +231,9 @@ def torchrun(args, restarts=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
            f"--max-restarts={restarts}", "--monitor-interval=0.1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "train.py", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    STARTED.append(p)
+    return p
 
 
 def workers_of(pid):

@@ -248,7 +248,7 @@ def test_run_prints_the_schedules_first(tmp_path, capsys):
     run_main([*CARL, "--epochs", "1", "--out-dir", str(tmp_path / "r")])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("carl resnet18 on synthetic: 120 images")
-    assert lines[1] == "lr 0.6 -> 0.0006 (cosine, no warm-up), lambda 1.5 -> 1 over 5 epochs"
+    assert lines[1] == "lr 0.6 -> 0.0006 (cosine, no warm-up), lambda 1.5 -> 1 over 2 epochs"
     assert lines[2].startswith("ep 0 step 0/3 ")
 
 
