@@ -112,10 +112,15 @@ def _eval_resize(size):
     return size if size <= 64 else round(size * 8 / 7)
 
 
+def eval_geometry(size):
+    """eval_view's resize and centre crop, on a PIL image."""
+    return T.Compose([T.Resize(_eval_resize(size), antialias=True), T.CenterCrop(size)])
+
+
 def eval_view(size, dataset):
     """Deterministic: resize the short side to size * 8/7 (ImageNet's 256 for 224), centre crop.
     Small images (<= 64 px) are only resized to `size`, since their objects fill the frame."""
-    return T.Compose([T.Resize(_eval_resize(size), antialias=True), T.CenterCrop(size), *_finish(dataset)])
+    return T.Compose([eval_geometry(size), *_finish(dataset)])
 
 
 def train_view(size, dataset):

@@ -18,8 +18,10 @@ import torch
 import torchvision
 from PIL import Image
 
+import augment
+
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
-SYNTHETIC_PX = 24  # side of the built-in images: the quickstart's image size (RESULTS.md)
+SYNTHETIC_PX = 20  # side of the built-in images: the quickstart's image size (RESULTS.md)
 IMAGE_SIZE = {"synthetic": SYNTHETIC_PX, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224}
 SPLITS = ("pretrain", "train", "test")
 
@@ -138,6 +140,15 @@ def targets(ds):
     return torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
 
+def subset_indices(labels, size, flag):
+    """Sorted indices of the fixed class-balanced subset of `size` labelled samples (seed 0) that
+    every script draws for `flag` (named in the error when size does not split into the classes)."""
+    num_classes = len(labels[labels >= 0].unique())  # -1 marks STL-10's unlabeled images, left out
+    if size % num_classes:
+        _fail(f"{flag} {size} is not a multiple of the {num_classes} classes")
+    return balanced_subset(labels, size // num_classes, seed=0)
+
+
 def balanced_subset(labels, per_class, seed=0):
     """Sorted indices of `per_class` samples of every class, chosen with a fixed seed."""
     g = torch.Generator().manual_seed(seed)
@@ -152,15 +163,17 @@ def balanced_subset(labels, per_class, seed=0):
 
 # ---------------------------------------------------------------- a whole split as one uint8 tensor
 
-def load_images(name, split, data_dir="data", download=False, size=32, max_bytes=None):
+def load_images(name, split, data_dir="data", download=False, size=32, max_bytes=None, subset=None, flag=None):
     """Decode a split once: (images (N, 3, H, W) uint8, labels (N,) int64, -1 for unlabeled).
 
     Images keep their own size when they all share one; otherwise (an ImageFolder tree of mixed
     sizes) each is resized and centre-cropped to size x size as eval views are. An ImageFolder
-    tree is decoded once and cached (see `_cache_path`). max_bytes: refuse, before decoding, a
-    split that would not fit."""
+    tree is decoded once and cached (see `_cache_path`). subset: only the class-balanced subset
+    `subset_indices(labels, subset, flag)`, chosen before decoding. max_bytes: refuse, before
+    decoding, a split that would not fit."""
     ds = build_dataset(name, split, None, data_dir, download)
-    labels = targets(ds)
+    labels = targets(ds)  # (N,)
+    keep = subset_indices(labels, subset, flag) if subset else torch.arange(len(labels))  # (n,)
     if isinstance(ds, Synthetic):
         images = torch.from_numpy(ds.images).permute(0, 3, 1, 2)  # (N, 3, px, px)
     elif isinstance(ds, torchvision.datasets.CIFAR10):  # CIFAR-100 too
@@ -168,10 +181,10 @@ def load_images(name, split, data_dir="data", download=False, size=32, max_bytes
     elif isinstance(ds, torchvision.datasets.STL10):
         images = torch.from_numpy(ds.data)  # (N, 3, 96, 96)
     else:
-        return _decode_folder(ds, size, max_bytes), labels
-    if max_bytes is not None and images.numel() > max_bytes:
-        _fail(f"{name} {split} needs {images.numel() / 2**30:.1f} GiB held whole; use --loader workers")
-    return images.contiguous(), labels
+        return _decode_folder(ds, keep, size, max_bytes), labels[keep]
+    if max_bytes is not None and images[0].numel() * len(keep) > max_bytes:
+        _fail(f"{name} {split} needs {images[0].numel() * len(keep) / 2**30:.1f} GiB held whole; use --loader workers")
+    return images[keep].contiguous(), labels[keep]
 
 
 def _cache_path(root, tag):
@@ -182,12 +195,14 @@ def _cache_path(root, tag):
     return os.path.join(cache, os.path.abspath(root).strip("/").replace("/", "_") + f".{tag}.uint8.pt")
 
 
-def _decode_folder(ds, size, max_bytes):
+def _decode_folder(ds, keep, size, max_bytes):
+    """Images keep[i] of an ImageFolder dataset as (len(keep), 3, H, W) uint8, from the cache when valid."""
+    samples = [ds.samples[i][0] for i in keep.tolist()]
     # The cache is valid while every file keeps its path, size and modification time.
-    stats = [os.stat(path) for path, _ in ds.samples]
-    fingerprint = hashlib.sha1("".join(f"{p},{s.st_size},{s.st_mtime_ns};" for (p, _), s in zip(ds.samples, stats))
+    stats = [os.stat(p) for p in samples]
+    fingerprint = hashlib.sha1("".join(f"{p},{s.st_size},{s.st_mtime_ns};" for p, s in zip(samples, stats))
                                .encode()).hexdigest()
-    path = _cache_path(ds.root, f"{size}px")
+    path = _cache_path(ds.root, f"{size}px" + (f"-{len(keep)}of{len(ds)}" if len(keep) < len(ds) else ""))
     if os.path.exists(path):
         try:
             cached = torch.load(path, weights_only=True)
@@ -204,33 +219,40 @@ def _decode_folder(ds, size, max_bytes):
             raise BadImageError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes outside the GIL
-        try:
-            sizes = set(pool.map(header, [p for p, _ in ds.samples]))
-        except BadImageError as e:
-            _fail(str(e))
-        w, h = sizes.pop() if len(sizes) == 1 else (size, size)
-        if max_bytes is not None and len(ds) * 3 * h * w > max_bytes:
-            _fail(f"{ds.root}: {len(ds)} images of {w}x{h} need {len(ds) * 3 * h * w / 2**30:.1f} GiB held whole; "
-                  f"use --loader workers")
-        fit = torchvision.transforms.Compose([torchvision.transforms.Resize(size if size <= 64 else round(size * 8 / 7)),
-                                              torchvision.transforms.CenterCrop(size)]) if sizes else (lambda img: img)
-        images = torch.empty(len(ds), 3, h, w, dtype=torch.uint8)  # (N, 3, H, W)
+        def run(fn, items, what):
+            t0, shown = time.time(), time.time()
+            try:
+                for done, result in enumerate(pool.map(fn, items), 1):
+                    yield result
+                    if time.time() - shown > 10:
+                        eta = (time.time() - t0) / done * (len(items) - done)
+                        print(f"{what} {ds.root}: {done}/{len(items)} images, eta {eta:.0f} s", flush=True)
+                        shown = time.time()
+            except BadImageError as e:
+                pool.shutdown(cancel_futures=True)  # fail now, not after every queued image
+                _fail(str(e))
+
+        sizes = set(run(header, samples, "reading"))
+        mixed = len(sizes) > 1  # then each image is resized and cropped as eval views are
+        w, h = (size, size) if mixed else sizes.pop()
+        if max_bytes is not None and len(samples) * 3 * h * w > max_bytes:
+            _fail(f"{ds.root}: {len(samples)} images of {w}x{h} need {len(samples) * 3 * h * w / 2**30:.1f} GiB held "
+                  f"whole; use --loader workers")
+        fit = augment.eval_geometry(size) if mixed else (lambda img: img)
+        images = torch.empty(len(samples), 3, h, w, dtype=torch.uint8)  # (n, 3, H, W)
 
         def decode(i):
-            images[i] = torch.from_numpy(np.array(fit(load_rgb(ds.samples[i][0])))).permute(2, 0, 1)  # (3, H, W)
+            images[i] = torch.from_numpy(np.array(fit(load_rgb(samples[i])))).permute(2, 0, 1)  # (3, H, W)
 
-        t0 = time.time()
-        try:
-            for done, _ in enumerate(pool.map(decode, range(len(ds))), 1):
-                if done % 20000 == 0:
-                    print(f"decoding {ds.root}: {done}/{len(ds)} images, {time.time() - t0:.0f} s", flush=True)
-        except BadImageError as e:
-            _fail(str(e))
+        for _ in run(decode, range(len(samples)), "decoding"):
+            pass
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        tmp = f"{path}.{os.getpid()}.tmp"
         torch.save({"fingerprint": fingerprint, "images": images}, tmp)
         os.replace(tmp, path)
-    except OSError as e:  # a cache is a convenience: go on without it
+    except Exception as e:  # a cache is a convenience (a full disk raises RuntimeError): go on without it
+        if os.path.exists(tmp):
+            os.remove(tmp)
         print(f"warning: could not cache the decoded images at {path}: {e}", flush=True)
     return images
 

@@ -132,8 +132,10 @@ def choose_image_size(args, stored, first_image):
         return args.image_size, "--image-size"
     if stored.get("image_size"):
         return stored["image_size"], "the checkpoint's training size"
-    if own <= 64 or args.cifar_stem:
+    if own <= 64 or args.cifar_stem and own <= 96:
         return own, "the images' own size"
+    if args.cifar_stem:  # large images through a stride-1 stem would cost (own / 32)^2 times a CIFAR image
+        return 64, "the largest size train.py gives the cifar stem"
     return data.IMAGE_SIZE[args.dataset], f"the {args.dataset} default"
 
 
@@ -159,10 +161,7 @@ def labelled_split(args, split, subset_size):
         fail(f"--dataset {args.dataset}: {(labels < 0).sum().item()} of the {len(labels)} images of its {split} "
              f"split have no label (-1); evaluation needs labelled train and test splits")
     if subset_size:
-        num_classes = len(labels.unique())
-        if subset_size % num_classes:
-            fail(f"--{split}-subset {subset_size} is not a multiple of the {num_classes} classes")
-        keep = data.balanced_subset(labels, subset_size // num_classes, seed=0)  # (subset_size,) sorted
+        keep = data.subset_indices(labels, subset_size, f"--{split}-subset")  # (subset_size,) sorted
         ds, labels = torch.utils.data.Subset(ds, keep.tolist()), labels[keep]
     return ds, labels
 

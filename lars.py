@@ -11,7 +11,9 @@ momentum). `param_groups` builds the two conventions:
   - "larc" (SwAV's LARC, whose recipe the thesis's CARL uses): every parameter decayed and
     trust-scaled. SwAV's LARC divides by ||g|| + wd * ||w|| rather than ||g + wd * w||; the two
     agree up to the angle between g and w.
-The step uses torch._foreach_* ops: a few kernels for all parameters instead of ~8 per parameter.
+The step uses torch._foreach_* ops (multi-tensor kernels on CUDA) for the norms, weight decay and
+momentum; only the trust-ratio multiply stays one small op per parameter. On a 2-core CPU this is
+no faster than a plain loop (RESULTS.md); on a GPU it cuts most of the per-parameter kernel launches.
 """
 import torch
 

@@ -96,4 +96,4 @@ def carl_loss(logits_a, logits_b, lam):
 
 def carp_loss(logits_a, logits_b, lam, partition):
     """CARP: logits (B, K) of two views, partition (N_P, N_B) from random_partition -> (loss, stats)."""
-    return _blockwise_loss(logits_a, logits_b, lam, partition.to(logits_a.device))
+    return _blockwise_loss(logits_a, logits_b, lam, partition.to(logits_a.device, non_blocking=True))

@@ -11,6 +11,7 @@ SIGTERM/SIGUSR1. The same command run again continues from <out-dir>/run.pt at t
 Flags left unset take the thesis settings for the method and dataset (DEFAULTS below).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -161,6 +162,9 @@ def resolve(args):
             fail(f"--{key.replace('_', '-')} must be positive")
     if args.knn_every < 0:
         fail("--knn-every must be 0 (off) or positive")
+    for key in ("train_subset", "knn_train_subset", "knn_test_subset"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            fail(f"--{key.replace('_', '-')} must be positive")
     return args
 
 
@@ -256,21 +260,14 @@ def load_pretrain_data(args, device, max_bytes):
     """The pretraining split: (uint8 images (N, 3, H, W) on `device`, or a PIL dataset; labels (N,))."""
     if args.loader == "device":
         images, labels = data.load_images(args.dataset, "pretrain", args.data_dir, args.download, args.image_size,
-                                          max_bytes)
-        source = images
-    else:
-        source = data.build_dataset(args.dataset, "pretrain", None, args.data_dir, args.download)
-        labels = data.targets(source)
+                                          max_bytes, args.train_subset, "--train-subset")
+        return images.to(device), labels
+    dataset = data.build_dataset(args.dataset, "pretrain", None, args.data_dir, args.download)
+    labels = data.targets(dataset)  # (N,)
     if args.train_subset:
-        n_classes = len(labels[labels >= 0].unique())  # -1 marks STL-10's unlabeled images, left out here
-        if args.train_subset % n_classes:
-            fail(f"--train-subset {args.train_subset} is not a multiple of the {n_classes} classes")
-        keep = data.balanced_subset(labels, args.train_subset // n_classes, seed=0)  # (train_subset,)
-        source = source[keep] if args.loader == "device" else torch.utils.data.Subset(source, keep.tolist())
-        labels = labels[keep]
-    if args.loader == "device":
-        source = source.to(device)
-    return source, labels
+        keep = data.subset_indices(labels, args.train_subset, "--train-subset")  # (train_subset,)
+        dataset, labels = torch.utils.data.Subset(dataset, keep.tolist()), labels[keep]
+    return dataset, labels
 
 
 def pretrain_batches(args, source, batches, rank, device):
@@ -278,10 +275,13 @@ def pretrain_batches(args, source, batches, rank, device):
     if args.loader == "device":
         views = augment.batch_pretrain_views(args.views, args.image_size, args.dataset)
         g = torch.Generator(device=device)
-        for step, keys in zip(range(batches.start, batches.stop), batches):
-            idx = torch.tensor([i for _, i in keys]).to(device, non_blocking=True)  # (local batch,)
+        order, order_epoch = None, None
+        for step in range(batches.start, batches.stop):
+            epoch, it = divmod(step, batches.steps_per_epoch)
+            if epoch != order_epoch:  # the epoch's sample order, moved to the device once
+                order, order_epoch = batches.epoch_order(epoch).to(device), epoch  # (steps, local batch)
             g.manual_seed(data.seed_of(args.seed, step, rank))  # the views depend on (seed, step, rank) only
-            yield views(source[idx], g)
+            yield views(source[order[it]], g)
         return
     views = augment.pretrain_views(args.views, args.image_size, args.dataset)
     loader = torch.utils.data.DataLoader(data.SeededViews(source, views, args.seed), batch_sampler=batches,
@@ -303,7 +303,9 @@ def train_step(net, optimizer, scaler, autocast, view_a, view_b, args, lam, step
     if args.method == "carl":
         loss, stats = losses.carl_loss(logits_a, logits_b, lam)
     else:
-        partition = losses.random_partition(args.num_prototypes, args.block_size, args.seed, step)
+        partition = losses.random_partition(args.num_prototypes, args.block_size, args.seed, step)  # (N_P, N_B)
+        if logits.is_cuda:  # pinned, so that copying it to the GPU does not wait for the GPU
+            partition = partition.pin_memory()
         loss, stats = losses.carp_loss(logits_a, logits_b, lam, partition)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -316,17 +318,12 @@ class KnnMonitor:
     """Weighted kNN top-1 (k=200, T=0.07, cosine: evaluate.py's functions) of the backbone's features
     of eval views, the labelled train split as the bank and the test split as queries."""
 
-    def __init__(self, args, device):
+    def __init__(self, args, device, max_bytes=None):
         self.args, self.device = args, device
-        self.splits = []
+        self.splits = []  # [(images (N, 3, H, W) uint8, labels (N,))] for the bank and the queries
         for split, subset in (("train", args.knn_train_subset), ("test", args.knn_test_subset)):
-            images, labels = data.load_images(args.dataset, split, args.data_dir, args.download, args.image_size)
-            if subset:
-                n_classes = len(labels.unique())
-                if subset % n_classes:
-                    fail(f"--knn-{split}-subset {subset} is not a multiple of the {n_classes} classes")
-                keep = data.balanced_subset(labels, subset // n_classes, seed=0)  # (subset,)
-                images, labels = images[keep], labels[keep]
+            images, labels = data.load_images(args.dataset, split, args.data_dir, args.download, args.image_size,
+                                              max_bytes, subset, f"--knn-{split}-subset")
             self.splits.append((images.to(device), labels.to(device)))
         self.num_classes = int(self.splits[0][1].max()) + 1
 
@@ -352,6 +349,8 @@ def main(argv=None):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def pretrain(args, stop_signal):
@@ -364,6 +363,18 @@ def pretrain(args, stop_signal):
     ckpt = models.load_checkpoint(resume_from) if resume_from else None
     if ckpt is not None:
         check_same_run(ckpt["args"], args, resume_from)
+    start_step = ckpt["step"] if ckpt is not None else 0
+    if world > 1:  # every rank must continue from the same step (--out-dir on a shared filesystem)
+        steps = torch.tensor([start_step, -start_step])  # (2,)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=control)
+        if steps[0] != -steps[1]:
+            fail(f"the ranks found run.pt at different steps ({-int(steps[1])} to {int(steps[0])}); --out-dir must "
+                 f"be one folder every node sees")
+    if ckpt is not None and ckpt["epoch"] >= (args.until_epoch or args.epochs):
+        if rank == 0:
+            print(f"{resume_from} is finished: {ckpt['epoch']} of {args.epochs} epochs done"
+                  + (f" (--until-epoch {args.until_epoch})" if args.until_epoch else "") + "; nothing to do", flush=True)
+        return
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "off"
     if args.amp == "fp16" and device.type != "cuda":
@@ -383,12 +394,6 @@ def pretrain(args, stop_signal):
     steps_per_epoch = num_images // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     end_step = (args.until_epoch or args.epochs) * steps_per_epoch
-    start_step = ckpt["step"] if ckpt is not None else 0
-    if start_step >= end_step:
-        if rank == 0:
-            print(f"{resume_from} is finished: {start_step // steps_per_epoch} of {args.epochs} epochs done"
-                  + (f" (--until-epoch {args.until_epoch})" if args.until_epoch else "") + "; nothing to do", flush=True)
-        return
 
     # Model, optimizer, schedules.
     torch.manual_seed(args.seed)
@@ -405,7 +410,8 @@ def pretrain(args, stop_signal):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the run started without fp16
+            scaler.load_state_dict(ckpt["scaler"])
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     if args.compile:
@@ -416,7 +422,7 @@ def pretrain(args, stop_signal):
                               enabled=args.amp != "off")
 
     log_path = os.path.join(args.out_dir, "log.jsonl")
-    monitor = KnnMonitor(args, device) if args.knn_every and rank == 0 else None
+    monitor = KnnMonitor(args, device, max_bytes) if args.knn_every and rank == 0 else None
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         log = trim_log(log_path, start_step)  # drop what an interrupted run logged after its checkpoint
@@ -456,48 +462,52 @@ def pretrain(args, stop_signal):
         knn(0)
 
     batches = data.Batches(num_images, args.batch_size, world, rank, args.seed, start_step, end_step)
-    t_start, last_save, step = time.time(), time.time(), start_step
-    for step, (view_a, view_b) in zip(range(start_step, end_step), pretrain_batches(args, source, batches, rank, device)):
-        epoch, it = divmod(step, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = float(lrs[step]) * group["lr_scale"]
-        loss, stats = train_step(net, optimizer, scaler, autocast, view_a, view_b, args, float(lams[step]), step)
+    t_start, last_save = time.time(), time.time()
+    # closing() shuts DataLoader workers down on every way out: they ignore SIGTERM, so nothing else would
+    with contextlib.closing(pretrain_batches(args, source, batches, rank, device)) as stream:
+        for step, (view_a, view_b) in zip(range(start_step, end_step), stream):
+            epoch, it = divmod(step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = float(lrs[step]) * group["lr_scale"]
+            loss, stats = train_step(net, optimizer, scaler, autocast, view_a, view_b, args, float(lams[step]), step)
 
-        if step % args.log_every == 0 or it == steps_per_epoch - 1:
-            if not math.isfinite(loss.item()):
-                fail(f"loss is {loss.item()} at step {step}; lower --lr, or raise --lam-start")
-            if rank == 0:
+            # Every rank agrees, each step, whether to stop (a signal reached any rank) or save (rank 0's clock).
+            save_due = rank == 0 and time.time() - last_save > 60 * args.ckpt_every_min
+            flags = torch.tensor([max(stop_signal, default=0), int(save_due)])  # (2,) int64
+            if world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
+            epoch_done = it == steps_per_epoch - 1
+            if step % args.log_every == 0 or epoch_done or flags.any():  # the only host-device syncs
+                if not math.isfinite(loss.item()):  # before anything is saved
+                    fail(f"loss is {loss.item()} at step {step}; lower --lr, or raise --lam-start")
+            if rank == 0 and (step % args.log_every == 0 or epoch_done):
                 now = time.time()
                 rate = args.batch_size * (step + 1 - start_step) / (now - t_start)  # images/s this session
                 rec = {"epoch": epoch, "step": step, "loss": loss.item(), "consistency": stats["consistency"].item(),
                        "kl": stats["kl"].item(), "entropy": float(stats["entropy"]), "in_use": int(stats["in_use"]),
                        "lam": float(lams[step]), "lr": float(lrs[step]), "img_per_s": round(rate, 1),
                        "eta_min": round((end_step - step - 1) * args.batch_size / rate / 60, 1),
-                       "time": round(now - t_start, 1)}
+                       "time": round(now - t_start, 3)}
                 append_log(log_path, rec)
                 print(f"ep {epoch} step {step}/{total_steps} loss {rec['loss']:.4f} cons {rec['consistency']:.4f} "
                       f"kl {rec['kl']:.4f} lam {rec['lam']:.3f} lr {rec['lr']:.4g} in-use {rec['in_use']}/"
                       f"{args.num_prototypes} {rate:.0f} img/s eta {rec['eta_min']}m", flush=True)
 
-        # Every rank agrees, each step, whether to stop (a signal reached any rank) or save (rank 0's clock).
-        save_due = rank == 0 and time.time() - last_save > 60 * args.ckpt_every_min
-        flags = torch.tensor([max(stop_signal, default=0), int(save_due)])  # (2,) int64
-        if world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
-        epoch_done = it == steps_per_epoch - 1
-        if epoch_done and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step + 1 == total_steps):
-            knn(step + 1)
-        if epoch_done or flags.any():
-            save(step + 1)
-            last_save = time.time()
-        if flags[0] and step + 1 < end_step:
-            if world > 1:
-                dist.barrier(group=control)  # run.pt is written before any rank exits
-            if rank == 0:
-                print(f"stopped by {signal.Signals(int(flags[0])).name} after step {step + 1} of {total_steps} "
-                      f"(epoch {epoch}, step {it + 1} of {steps_per_epoch}); {run_path} holds it: run the same "
-                      f"command to continue", flush=True)
-            raise SystemExit(128 + int(flags[0]))
+            if epoch_done or flags.any():
+                save(step + 1)
+                last_save = time.time()
+            stopping = flags[0] and step + 1 < end_step
+            if epoch_done and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step + 1 == total_steps) \
+                    and not stopping:  # a stopping run has seconds before it is killed: run.pt first, no kNN
+                knn(step + 1)
+            if stopping:
+                if world > 1:
+                    dist.barrier(group=control)  # run.pt is written before any rank exits
+                if rank == 0:
+                    print(f"stopped by {signal.Signals(int(flags[0])).name} after step {step + 1} of {total_steps} "
+                          f"(epoch {epoch}, step {it + 1} of {steps_per_epoch}); {run_path} holds it: run the same "
+                          f"command to continue", flush=True)
+                raise SystemExit(128 + int(flags[0]))
     if rank == 0:
         print(f"done: {end_step // steps_per_epoch} of {args.epochs} epochs in {(time.time() - t_start) / 60:.1f} min; "
               f"checkpoint {run_path}", flush=True)
@@ -506,8 +516,6 @@ def pretrain(args, stop_signal):
             print(f"kNN top-1 (k=200): {first['knn_top1']:.2f} at epoch {first['epoch']}"
                   f"{' (random init)' if first['step'] == 0 else ''} -> {last['knn_top1']:.2f} at epoch "
                   f"{last['epoch']}: {last['knn_top1'] - first['knn_top1']:+.2f} points", flush=True)
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def knn_gain(records):
@@ -521,8 +529,14 @@ def knn_gain(records):
 def read_log(path):
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line half written when the machine went down
+                pass
+    return records
 
 
 def append_log(path, rec):
@@ -533,7 +547,7 @@ def append_log(path, rec):
 def trim_log(path, step):
     """Keep the log records of steps before `step` (kNN records at `step` too), so a continued run
     logs every step once; returns them."""
-    kept = [r for r in read_log(path) if r["step"] < step or "knn_top1" in r and r["step"] <= step]
+    kept = [r for r in read_log(path) if r["step"] < step or "knn_top1" in r and 0 < r["step"] == step]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     return kept

@@ -33,5 +33,9 @@ if [ "$status" -eq 143 ]; then
     exit 0
 fi
 [ "$status" -eq 0 ] || exit "$status"
+if [ -f "$OUT/eval.jsonl" ] && grep -q '"protocol": "linear-aug"' "$OUT/eval.jsonl"; then
+    echo "gpu-cifar10 $METHOD: done and evaluated; results in $OUT/eval.jsonl"
+    exit 0
+fi
 python evaluate.py --ckpt "$OUT/run.pt" --protocol knn linear linear-aug "${SRC[@]}"
 echo "gpu-cifar10 $METHOD: done; kNN curve in $OUT/log.jsonl, probes in $OUT/eval.jsonl"

@@ -1,6 +1,7 @@
 """Training throughput in views/s, all measured in one run on one machine:
 
-  (a) bare: forward + backward + optimizer step on random tensors (the ceiling)
+  (a) bare: forward + backward + optimizer step on random tensors (the ceiling), and the same
+      without bf16, without channels-last (and without --compile when it is given)
   (b) train.py's loop with --loader workers (PIL views in DataLoader processes)
   (c) train.py's loop with --loader device  (views made on the training device, in batches)
 
@@ -17,6 +18,7 @@ measurement and a final JSON line.
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -97,19 +99,33 @@ def main():
     views = 2 * args.batch_size
     results = {"device": name, "batch": args.batch_size, "image_size": args.image_size, "amp": args.amp}
 
-    # (a) the bare step, and its split
-    torch.manual_seed(0)
-    model = models.AssignmentModel(args.method, args.arch, args.cifar_stem, args.num_prototypes,
-                                   args.proto_init_gain).to(device, memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
-    optimizer = train.build_optimizer(args, model, args.lr * args.batch_size / 256)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
-                              enabled=args.amp != "off")
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    step = lambda: train.train_step(net, optimizer, scaler, autocast, x, x, args, 1.0, 0)  # noqa: E731
+    # (a) the bare step, then what bf16 and channels-last each buy (and --compile, when asked)
+    def bare_setup(amp, channels_last, compile_):
+        torch.manual_seed(0)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = models.AssignmentModel(args.method, args.arch, args.cifar_stem, args.num_prototypes,
+                                       args.proto_init_gain).to(device, memory_format=fmt)
+        net = torch.compile(model) if compile_ else model
+        optimizer = train.build_optimizer(args, model, args.lr * args.batch_size / 256)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                                  enabled=amp != "off")
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
+        step = lambda: train.train_step(net, optimizer, scaler, autocast, x, x, args, 1.0, 0)  # noqa: E731
+        return step, optimizer
+
+    step, optimizer = bare_setup(args.amp, True, args.compile)
     results["bare"] = views / timed(step, opts.steps, device)
     print(f"(a) bare step:            {results['bare']:9.0f} views/s", flush=True)
+    variants = [("amp off", "off", True, args.compile), ("no channels-last", args.amp, False, args.compile)]
+    if args.compile:
+        variants.append(("not compiled", args.amp, True, False))
+    for name, amp, channels_last, compile_ in variants:
+        if name == "amp off" and args.amp == "off":
+            continue
+        rate = views / timed(bare_setup(amp, channels_last, compile_)[0], opts.steps, device)
+        results[f"bare, {name}"] = rate
+        print(f"    bare, {name:16s} {rate:9.0f} views/s: the default is {results['bare'] / rate:.2f}x this", flush=True)
     saved_step, optimizer.step = optimizer.step, lambda: None  # forward + backward alone
     t_fb = timed(step, opts.steps, device)
     optimizer.step = saved_step
@@ -119,11 +135,11 @@ def main():
         print(f"    optimizer step: {1e3 * t_opt:.2f} ms with foreach, {1e3 * t_loop:.2f} ms as a per-parameter loop",
               flush=True)
         results["lars_loop_ms"] = 1e3 * t_loop
+    del step, optimizer
 
     # data alone, per loader: the views of `steps` batches
     source, _ = train.load_pretrain_data(train.parse_args([*flags, "--loader", "device"]), device, None)
-    if device.type == "cuda":
-        results["dataset_gpu_mib"] = source.numel() / 2 ** 20
+    results["dataset_mib"] = source.numel() / 2 ** 20  # uint8: one byte per value
     t_data = {}
     for loader in ("workers", "device"):
         a = train.parse_args([*flags, "--loader", loader, "--knn-every", "0"])
@@ -131,20 +147,26 @@ def main():
         batches = data.Batches(len(src), a.batch_size, 1, 0, a.seed, 0, opts.steps + 3)
         it = train.pretrain_batches(a, src, batches, 0, device)
         t_data[loader] = timed(lambda: next(it), opts.steps, device)
+        it.close()  # shuts the DataLoader workers down before (b) and (c)
         print(f"    data alone, {loader:7s}: {views / t_data[loader]:9.0f} views/s", flush=True)
+    del source, src
     print(f"    split of the bare step: forward+backward {1e3 * t_fb:.1f} ms, optimizer {1e3 * t_opt:.1f} ms; "
           f"views {1e3 * t_data['device']:.1f} ms (device) / {1e3 * t_data['workers']:.1f} ms (workers)", flush=True)
     results.update(fwd_bwd_ms=1e3 * t_fb, optimizer_ms=1e3 * t_opt,
                    data_device_ms=1e3 * t_data["device"], data_workers_ms=1e3 * t_data["workers"])
 
-    # (b), (c): train.py's own loop
+    # (b), (c): train.py's own loop; memory as train.py alone holds it (the benchmark's copies freed)
     for tag, loader in (("b", "workers"), ("c", "device")):
         if device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         results[loader] = loop_rate(flags, loader, max(opts.steps, 12), args.batch_size)
         mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""
         print(f"({tag}) train.py --loader {loader:7s}: {results[loader]:9.0f} views/s, "
               f"{results[loader] / results['bare']:.2f} of (a){mem}", flush=True)
+    results["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(f"    host memory: peak resident {results['host_peak_gib']:.2f} GiB; the device loader's dataset "
+          f"{results['dataset_mib']:.0f} MiB", flush=True)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}))
 
 

@@ -255,9 +255,10 @@ def test_image_size_from_what_it_knows(run_dir, tmp_path, capsys):
     assert err.startswith("warning: the images are 32x32 px") and "resized 2.5x to 80 px" in err
     line, err = first_line_and_warning(run_dir / "backbone.pt", large)  # not small, but the cifar stem
     assert "at 72 px (the images' own size)" in line and err == ""
-    # a run.pt: its training size (synthetic's 24), whatever the images
+    # a run.pt: its training size (synthetic's), whatever the images
     line, err = first_line_and_warning(run_dir / "run.pt", large)
-    assert "at 24 px (the checkpoint's training size)" in line and "resized 0.33x to 24 px" in err  # 3x down
+    px = data.SYNTHETIC_PX
+    assert f"at {px} px (the checkpoint's training size)" in line and f"resized {px / 72:.2g}x to {px} px" in err
     # an imagenet-stem backbone.pt over large images: the dataset's default
     torch.save(models.build_backbone("resnet18", False)[0].state_dict(), tmp_path / "imagenet_stem.pt")
     line, err = first_line_and_warning(tmp_path / "imagenet_stem.pt", large)

@@ -199,6 +199,8 @@ THESIS = [
     ("carp", "imagefolder", "lam_epochs", 30, "6.5.4: during the first 30 epochs"),
     ("carp", "imagefolder", "batch_size", 256, "6.5.4: a total batch size of 256"),
     ("carp", "imagefolder", "warmup_epochs", 0, "6.5.4: no warm-ups"),
+    ("carl", "cifar10", "warmup_epochs", 0, "5.8.4: a cosine decay starting at 0.6 (no warm-up named)"),
+    ("carp", "imagefolder", "epochs", 200, "6.5.4 / 5.8: 200 epochs"),
     ("carp", "imagefolder", "views", "carp", "6.5.3, Listing 3: BYOL's asymmetric views"),
 ]
 
@@ -353,6 +355,8 @@ def assert_untouched(d, fp):
     (["--final-lr-ratio", "0"], r"--final-lr-ratio must be positive"),
     (["--ckpt-every-min", "0"], r"--ckpt-every-min must be positive"),
     (["--knn-every", "-1"], r"--knn-every must be 0 \(off\) or positive"),
+    (["--train-subset", "-10"], r"--train-subset must be positive"),
+    (["--knn-test-subset", "0"], r"--knn-test-subset must be positive"),
     (["--optimizer", "adam"], r"unknown --optimizer 'adam'; choose larc, lars or sgd"),
 ])
 def test_bad_flags_exit_before_any_work(tmp_path, argv, match):
