@@ -38,8 +38,8 @@ import model as models
 # 0.001, every parameter trust-scaled); plain SGD at 0.6 with no warm-up collapsed to one
 # prototype within 90 steps on CIFAR-10 (RESULTS.md, "CARL a"), so "larc" is the default.
 # `synthetic` is ours: the quickstart, under 3 minutes of training on a slow laptop CPU (RESULTS.md):
-# 24 px images, 2 epochs (62 steps of 64), LARS with wd 1e-6 for CARL too, prototypes started
-# larger (gain) so the first steps carry a gradient, lambda starting near 1 (the thesis's 4 / 2
+# 20 px images, 2 epochs (62 steps of 64), LARS at 9.6 per 256 with wd 1e-6 for CARL too, prototypes
+# started larger (gain) so the first steps carry a gradient, lambda starting near 1 (the thesis's 4 / 2
 # sent the assignments straight to uniform).
 DEFAULTS = {
     "carl": dict(optimizer="larc", lr=0.6, final_lr_ratio=1e-3, weight_decay=5e-4, epochs=200, batch_size=256,
@@ -53,7 +53,7 @@ DATASET_DEFAULTS = {
     ("carl", "cifar100"): dict(num_prototypes=300),
     ("carl", "stl10"): dict(num_prototypes=300, lam_start=2.0, lam_end=1.0),
     ("carl", "imagefolder"): dict(num_prototypes=3000),
-    ("carl", "synthetic"): dict(epochs=2, batch_size=64, optimizer="lars", lr=4.8, weight_decay=1e-6,
+    ("carl", "synthetic"): dict(epochs=2, batch_size=64, optimizer="lars", lr=9.6, weight_decay=1e-6,
                                 proto_init_gain=5.0, lam_start=1.5, lam_end=1.0, lam_epochs=2, knn_every=1),
     ("carp", "synthetic"): dict(epochs=5, batch_size=64, num_prototypes=500, block_size=50,
                                 proto_init_gain=3.0, lam_start=0.75, lam_end=0.5, lam_epochs=5, knn_every=1),

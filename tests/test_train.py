@@ -250,7 +250,7 @@ def test_run_prints_the_schedules_first(tmp_path, capsys):
     run_main([*CARL, "--epochs", "1", "--out-dir", str(tmp_path / "r")])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("carl resnet18 on synthetic: 120 images")
-    assert lines[1] == "lr 0.6 -> 0.0006 (cosine, no warm-up), lambda 1.5 -> 1 over 2 epochs"
+    assert lines[1] == "lr 1.2 -> 0.0012 (cosine, no warm-up), lambda 1.5 -> 1 over 2 epochs"
     assert lines[2].startswith("ep 0 step 0/3 ")
 
 
@@ -389,7 +389,7 @@ def test_imagefolder_missing_data_dir(tmp_path, layout):
     ([*CARL, "--no-cifar-stem"], r"--cifar-stem True, but this command has --cifar-stem False"),
     ([*CARL, "--views", "carp"], r"--views carl, but this command has --views carp"),
     ([*CARL, "--loader", "workers"], r"--loader device, but this command has --loader workers"),
-    ([*CARL, "--lr", "1.0"], r"--lr 4.8, but this command has --lr 1.0"),
+    ([*CARL, "--lr", "1.0"], r"--lr 9.6, but this command has --lr 1.0"),
     ([*CARL, "--epochs", "3"], r"--epochs 2, but this command has --epochs 3"),
     ([*CARL, "--seed", "1"], r"--seed 0, but this command has --seed 1"),
     ([*CARL, "--batch-size", "24"], r"--batch-size 32, but this command has --batch-size 24"),
