@@ -36,7 +36,8 @@ import model as models
 # 2 -> 0.15 over 30 epochs. Both: 200 epochs, batch 256 (5.8, 6.5.4), no warm-up (6.5.4).
 # CARL's optimizer: the thesis names SGD with LARS and SwAV's recipe (LARC, trust coefficient
 # 0.001, every parameter trust-scaled); plain SGD at 0.6 with no warm-up collapsed to one
-# prototype within 90 steps on CIFAR-10 (RESULTS.md, "CARL a"), so "larc" is the default.
+# prototype within 90 steps on CIFAR-10 (RESULTS.md, "CARL a") and LARC did not in 100 steps at
+# batch 256, so "larc" is the default.
 # `synthetic` is ours: the quickstart, under 3 minutes of training on a slow laptop CPU (RESULTS.md):
 # 20 px images, 2 epochs (62 steps of 64), LARS at 9.6 per 256 with wd 1e-6 for CARL too, prototypes
 # started larger (gain) so the first steps carry a gradient, lambda starting near 1 (the thesis's 4 / 2
@@ -83,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool (default: on for images <= 64 px)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="view size (default: 24 synthetic, 32 CIFAR, 96 STL-10, 224 else)")
+                   help="view size (default: 20 synthetic, 32 CIFAR, 96 STL-10, 224 else)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--until-epoch", type=int, default=None,
                    help="stop after this epoch (schedules still span --epochs); the same command continues")
@@ -244,8 +245,10 @@ def build_optimizer(args, model, lr):
 
 
 def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX: there bf16 autocast trains ResNet-18 about 1.8x faster than float32
-    (57 -> 108 views/s on a 2-core EPYC, RESULTS.md); without them bf16 is emulated and slower."""
+    """AVX512-BF16 or AMX: there a bf16-autocast ResNet-18 step is 1.7-1.9x faster than a float32
+    one (2-core EPYC, RESULTS.md); without them bf16 is emulated and slower."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # also when capped by ATEN_CPU_CAPABILITY
+        return False
     return any(getattr(torch.cpu, name, lambda: False)()
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 

@@ -167,6 +167,16 @@ def test_views_and_loader_defaults(argv, views, loader):
     assert (args.views, args.loader) == (views, loader)
 
 
+@pytest.mark.parametrize("capability,flag,native", [("AVX512", True, True), ("AVX512", False, False),
+                                                   ("AVX2", True, False), ("DEFAULT", True, False)])
+def test_bf16_only_where_native(monkeypatch, capability, flag, native):
+    # ATEN_CPU_CAPABILITY=avx2 on an AVX512-BF16 CPU reports the hardware flag but runs AVX2 kernels
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flag)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert train.cpu_has_native_bf16() is native
+
+
 # ---------------------------------------------------------------- thesis defaults and schedules
 
 # (method, dataset, flag, value, thesis section it comes from)
