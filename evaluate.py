@@ -132,10 +132,10 @@ def choose_image_size(args, stored, first_image):
         return args.image_size, "--image-size"
     if stored.get("image_size"):
         return stored["image_size"], "the checkpoint's training size"
-    if own <= 64 or args.cifar_stem and own <= 96:
+    if own <= models.CIFAR_STEM_MAX_PX or args.cifar_stem and own <= 96:
         return own, "the images' own size"
     if args.cifar_stem:  # large images through a stride-1 stem would cost (own / 32)^2 times a CIFAR image
-        return 64, "the largest size train.py gives the cifar stem"
+        return models.CIFAR_STEM_MAX_PX, "the largest size the cifar stem gets by default"
     return data.IMAGE_SIZE[args.dataset], f"the {args.dataset} default"
 
 
@@ -334,7 +334,7 @@ def main(argv=None):
     first_image = train_set[0][0]  # PIL
     args.image_size, size_from = choose_image_size(args, stored, first_image)
     if args.cifar_stem is None:  # no checkpoint args and no conv1 to read it from
-        args.cifar_stem = args.image_size <= 64
+        args.cifar_stem = args.image_size <= models.CIFAR_STEM_MAX_PX
     eval_tf = augment.eval_view(args.image_size, args.dataset)
     train_tf = augment.train_view(args.image_size, args.dataset)
     bs, nw = args.batch_size, args.workers

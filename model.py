@@ -14,6 +14,7 @@ import torchvision
 
 ARCHS = ("resnet18", "resnet50")
 EMBED_DIM = 128
+CIFAR_STEM_MAX_PX = 64  # images up to this size get the CIFAR stem unless told otherwise
 
 
 def build_backbone(arch, cifar_stem):

@@ -148,7 +148,7 @@ def resolve(args):
             setattr(args, key, value)
     args.image_size = args.image_size or data.IMAGE_SIZE[args.dataset]
     if args.cifar_stem is None:
-        args.cifar_stem = args.image_size <= 64
+        args.cifar_stem = args.image_size <= models.CIFAR_STEM_MAX_PX
     if args.loader is None:
         args.loader = "workers" if args.dataset == "imagefolder" and args.image_size > 96 else "device"
     if args.optimizer not in ("larc", "lars", "sgd"):
@@ -448,8 +448,12 @@ def pretrain(args, stop_signal):
             atomic_save(state, run_path)
             atomic_save(model.backbone.state_dict(), os.path.join(args.out_dir, "backbone.pt"))
 
+    def knn_due(step):  # before training, after every --knn-every-th epoch and after the last
+        epoch, it = divmod(step, steps_per_epoch)
+        return args.knn_every and it == 0 and (epoch % args.knn_every == 0 or step == total_steps)
+
     def knn(step):
-        if rank == 0:
+        if rank == 0 and all(r["step"] != step for r in knn_records):  # a continued run may hold it already
             t0 = time.time()
             top1, top5 = monitor(model.backbone)
             rec = {"epoch": step // steps_per_epoch, "step": step, "knn_top1": round(top1, 2),
@@ -461,8 +465,8 @@ def pretrain(args, stop_signal):
         if world > 1:
             dist.barrier(group=control)  # the other ranks wait for rank 0's evaluation
 
-    if start_step == 0 and args.knn_every:
-        knn(0)
+    if knn_due(start_step):  # step 0, or an epoch's end whose kNN a stopped run skipped
+        knn(start_step)
 
     batches = data.Batches(num_images, args.batch_size, world, rank, args.seed, start_step, end_step)
     t_start, last_save = time.time(), time.time()
@@ -500,8 +504,7 @@ def pretrain(args, stop_signal):
                 save(step + 1)
                 last_save = time.time()
             stopping = flags[0] and step + 1 < end_step
-            if epoch_done and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step + 1 == total_steps) \
-                    and not stopping:  # a stopping run has seconds before it is killed: run.pt first, no kNN
+            if epoch_done and knn_due(step + 1) and not stopping:  # a stopping run has seconds: run.pt, no kNN
                 knn(step + 1)
             if stopping:
                 if world > 1:

@@ -37,9 +37,11 @@ import json, sys
 for m in ("carl", "carp"):
     log = [json.loads(l) for l in open(f"{sys.argv[1]}/{m}/log.jsonl")]
     knn, steps = [r for r in log if "knn_top1" in r], [r for r in log if "loss" in r]
+    # each continued session's clock starts at 0: add up the last time of every session
+    minutes = sum(a["time"] for a, b in zip(steps, steps[1:] + [{"time": 0}]) if b["time"] < a["time"]) / 60
     curve = ", ".join(f"ep {r['epoch']} {r['knn_top1']:.2f}" for r in knn)
     print(f"cpu-cifar10 {m}: kNN k=200 top-1 {knn[-1]['knn_top1']:.2f}, random-init {knn[0]['knn_top1']:.2f} "
-          f"({curve}); {steps[-1]['epoch'] + 1} epochs, {steps[-1]['time'] / 60:.1f} min, "
+          f"({curve}); {steps[-1]['epoch'] + 1} epochs, {minutes:.1f} min, "
           f"{sum(r['seconds'] for r in knn) / len(knn):.0f} s per kNN evaluation, "
           f"min prototypes in use {min(r['in_use'] for r in steps)}")
 PY

@@ -155,7 +155,7 @@ def main():
     results.update(fwd_bwd_ms=1e3 * t_fb, optimizer_ms=1e3 * t_opt,
                    data_device_ms=1e3 * t_data["device"], data_workers_ms=1e3 * t_data["workers"])
 
-    # (b), (c): train.py's own loop; memory as train.py alone holds it (the benchmark's copies freed)
+    # (b), (c): train.py's own loop; GPU memory as train.py alone holds it (the benchmark's copies freed)
     for tag, loader in (("b", "workers"), ("c", "device")):
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -165,7 +165,8 @@ def main():
         print(f"({tag}) train.py --loader {loader:7s}: {results[loader]:9.0f} views/s, "
               f"{results[loader] / results['bare']:.2f} of (a){mem}", flush=True)
     results["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"    host memory: peak resident {results['host_peak_gib']:.2f} GiB; the device loader's dataset "
+    print(f"    host memory: peak resident {results['host_peak_gib']:.2f} GiB (the whole benchmark's, an upper "
+          f"bound for train.py); the device loader's dataset "
           f"{results['dataset_mib']:.0f} MiB", flush=True)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}))
 

@@ -86,6 +86,19 @@ def test_signal_mid_epoch_then_same_command_matches_uninterrupted(tmp_path, monk
     assert [r["step"] for r in read_log(out)] == list(range(6))
 
 
+def test_knn_skipped_by_a_stop_at_an_epoch_end_runs_on_continuing(tmp_path, monkeypatch, capsys):
+    argv = [*CARL, "--knn-every", "1", "--knn-train-subset", "100", "--knn-test-subset", "50",
+            "--out-dir", str(tmp_path / "run")]
+    stop_at(monkeypatch, 2)  # the last step of epoch 0: run.pt is written, the epoch-1 kNN skipped
+    with pytest.raises(SystemExit):
+        run_main(argv)
+    assert [r["step"] for r in read_log(str(tmp_path / "run")) if "knn_top1" in r] == [0]
+    monkeypatch.undo()
+    run_main(argv)
+    assert "knn ep 1:" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(str(tmp_path / "run")) if "knn_top1" in r] == [0, 3, 6]  # each once
+
+
 def test_views_do_not_depend_on_the_worker_count(tmp_path, workers_run):
     out = str(tmp_path / "run")
     run_main([*CARL, "--loader", "workers", "--workers", "0", "--out-dir", out])
