@@ -8,14 +8,14 @@
 #   METHOD=carp MINUTES=8 bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10
 #
 # MINUTES (default 0: no limit) caps this call's training: train.py then gets SIGTERM, writes
-# run.pt at the step it reached, and the same command continues from there. OUT (default
+# run.pt at the step it reached, and the same command continues from there. RUNS (default
 # runs/gpu-cifar10). The views are made on the GPU (--loader device, the default for CIFAR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: $0 DATA_DIR}
 METHOD=${METHOD:-carl}
 MINUTES=${MINUTES:-0}
-OUT=${OUT:-runs/gpu-cifar10}/$METHOD
+RUN=${RUNS:-runs/gpu-cifar10}/$METHOD
 if [ -d "$DATA/train" ]; then SRC=(--dataset imagefolder --data-dir "$DATA" --image-size 32)
 else SRC=(--dataset cifar10 --data-dir "$DATA" --download); fi
 case $METHOD in  # an ImageFolder tree would otherwise take the ImageNet K (3000) for CARL
@@ -26,16 +26,16 @@ esac
 
 status=0
 timeout --preserve-status --signal=TERM --kill-after=120 "${MINUTES}m" \
-    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 10 --out-dir "$OUT" \
+    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 10 --out-dir "$RUN" \
     || status=$?
 if [ "$status" -eq 143 ]; then
     echo "gpu-cifar10 $METHOD: stopped after $MINUTES min; run the same command to continue"
     exit 0
 fi
 [ "$status" -eq 0 ] || exit "$status"
-if [ -f "$OUT/eval.jsonl" ] && grep -q '"protocol": "linear-aug"' "$OUT/eval.jsonl"; then
-    echo "gpu-cifar10 $METHOD: done and evaluated; results in $OUT/eval.jsonl"
+if [ -f "$RUN/eval.jsonl" ] && grep -q '"protocol": "linear-aug"' "$RUN/eval.jsonl"; then
+    echo "gpu-cifar10 $METHOD: done and evaluated; results in $RUN/eval.jsonl"
     exit 0
 fi
-python evaluate.py --ckpt "$OUT/run.pt" --protocol knn linear linear-aug "${SRC[@]}"
-echo "gpu-cifar10 $METHOD: done; kNN curve in $OUT/log.jsonl, probes in $OUT/eval.jsonl"
+python evaluate.py --ckpt "$RUN/run.pt" --protocol knn linear linear-aug "${SRC[@]}"
+echo "gpu-cifar10 $METHOD: done; kNN curve in $RUN/log.jsonl, probes in $RUN/eval.jsonl"
