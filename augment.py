@@ -2,13 +2,14 @@
 
 - PIL (`pretrain_views`, `eval_view`, `train_view`): torchvision transforms on one PIL image at a
   time, run in the DataLoader workers.
-- Batched (`batch_pretrain_views`, `eval_batch`): the same views of a whole uint8 batch at once on
-  the training device (GPU, or CPU on a CPU run), with per-sample random parameters drawn from a
-  torch.Generator, torch ops only and no host-device synchronisation. Each op matches
-  torchvision.transforms.functional on float tensors, and the random parameters follow
-  torchvision's samplers; the PIL path differs only by rounding to uint8 between ops, by PIL's
-  own colour maths, and by antialiasing crops larger than the output (the batched crop does not).
-Both read their settings from the table `VIEWS`.
+- Batched (`batch_pretrain_views`, `eval_batch`, `batch_train_view`): the same views of a whole
+  uint8 batch at once on the training device (GPU, or CPU on a CPU run), with per-sample random
+  parameters drawn from a torch.Generator, torch ops only and no host-device synchronisation.
+  Each op matches torchvision.transforms.functional on float tensors, and the random parameters
+  follow torchvision's samplers; the PIL path differs only by rounding to uint8 between ops, by
+  PIL's own colour maths, and by antialiasing crops larger than the output (the batched crop
+  does not).
+Both read their settings from the tables `VIEWS` and `TRAIN_VIEW`.
 
 - CARL (thesis 5.8.3, SimCLR-style): random resized crop (8%-100% of the area), flip,
   colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur (p=0.5). Both views alike.
@@ -41,6 +42,9 @@ VIEWS = {
     "carp": dict(scale=(0.15, 0.925), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2,
                  blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)),
 }
+# train_view's (the supervised heads'): RandomResizedCrop's default scale and flip only
+TRAIN_VIEW = dict(scale=(0.08, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
+                  solarize_p=0.0)
 RATIO = (3 / 4, 4 / 3)  # crop aspect ratio range (RandomResizedCrop's default)
 FLIP_P = 0.5
 SOLARIZE_THRESHOLD = 128  # of 255: pixels at or above it are inverted
@@ -126,28 +130,47 @@ def eval_view(size, dataset):
 def train_view(size, dataset):
     """Light augmentation for supervised heads (the linear-aug probe, fine-tuning):
     random resized crop and flip."""
-    return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), *_finish(dataset)])
+    return T.Compose([T.RandomResizedCrop(size, scale=TRAIN_VIEW["scale"], ratio=RATIO, antialias=True),
+                      T.RandomHorizontalFlip(FLIP_P), *_finish(dataset)])
 
 
 # ---------------------------------------------------------------- batched, on the training device
-# Images are (B, 3, H, W) float in [0, 1]; per-sample parameters are (B,) tensors. Every random
-# number comes from the generator g, on g's device, and steps that apply with a probability are
-# computed for the whole batch and picked per sample with torch.where, so nothing waits on the
-# device. Ops are written with elementwise maths, slicing and grid_sample (no conv, whose cuDNN
-# algorithm choice under cudnn.benchmark could change the bits), so a seed gives the same views.
+# Images are (B, 3, H, W) float in [0, 1]; per-sample parameters are (B,) tensors. Each view's random
+# numbers are drawn in one call from a torch.Generator, as (B, UNIFORMS) uniforms on its device, and
+# turned into parameters by plain tensor maths; steps that apply with a probability are computed for
+# the whole batch and picked per sample with torch.where, so nothing waits on the device, and the
+# whole pipeline after the draw is one function of (images, uniforms) that torch.compile can fuse
+# (on a GPU, hundreds of small kernels otherwise bound its speed by their launches). Ops are written
+# with elementwise maths, slicing and grid_sample (no conv, whose cuDNN algorithm choice under
+# cudnn.benchmark could change the bits), so a seed gives the same views.
+
+ATTEMPTS = 10  # RandomResizedCrop's tries before its fallback
+# The columns of a view's uniforms: (name, width)
+DRAWS = (("area", ATTEMPTS), ("aspect", ATTEMPTS), ("top", 1), ("left", 1), ("flip", 1), ("jitter", 1),
+         ("order", 4), ("brightness", 1), ("contrast", 1), ("saturation", 1), ("hue", 1), ("gray", 1),
+         ("blur", 1), ("sigma", 1), ("solarize", 1))
+UNIFORMS = sum(width for _, width in DRAWS)
+
+
+def draw_uniforms(n, g, views=None):
+    """(n, UNIFORMS) uniforms in [0, 1) on g's device, or (views, n, UNIFORMS) for several views."""
+    shape = (n, UNIFORMS) if views is None else (views, n, UNIFORMS)
+    return torch.rand(shape, generator=g, device=g.device)
+
+
+def split_uniforms(u):
+    """(n, UNIFORMS) -> {name: (n,) or (n, width)} by DRAWS (views of u: no copies)."""
+    parts = u.split([width for _, width in DRAWS], dim=1)
+    return {name: part.squeeze(1) if width == 1 else part for (name, width), part in zip(DRAWS, parts)}
+
 
 def to_float(x):
     """uint8 -> float32 in [0, 1], as T.ToTensor; float input is taken to be in [0, 1] already."""
     return x.float().div(255) if x.dtype == torch.uint8 else x.float()
 
 
-def _uniform(n, low, high, g):
-    return torch.rand(n, generator=g, device=g.device) * (high - low) + low
-
-
-def _coin(n, p, g):
-    """(n,) bool, True with probability p (as RandomApply: never at p=0, always at p=1)."""
-    return torch.rand(n, generator=g, device=g.device) < p
+def _between(u, low, high):
+    return u * (high - low) + low  # uniform in [0, 1) -> uniform in [low, high)
 
 
 def _column(values, device):
@@ -159,22 +182,20 @@ def _per_sample(factor):
     return factor.view(-1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1), to broadcast over an image batch
 
 
-def sample_crop_boxes(n, height, width, scale, ratio, g, attempts=10):
-    """T.RandomResizedCrop.get_params for n images of height x width at once: each sample draws
-    `attempts` boxes (area fraction uniform in scale, log aspect ratio uniform in log(ratio)) and
-    keeps the first that fits, else takes torchvision's fallback (central crop, ratio clamped).
-    Returns (top, left, h, w), each (n,) int64."""
-    area = height * width
-    target = area * _uniform((n, attempts), scale[0], scale[1], g)  # (n, attempts)
-    aspect = torch.exp(_uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), g))  # (n, attempts)
-    w = torch.round(torch.sqrt(target * aspect)).long()  # (n, attempts)
-    h = torch.round(torch.sqrt(target / aspect)).long()  # (n, attempts)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (n, attempts)
-    # index of the first box that fits: attempts where none does (clamped for the gather)
-    tries = torch.arange(attempts, device=g.device)
-    first = torch.where(fits, tries, attempts).amin(1, keepdim=True)  # (n, 1)
-    found = first.squeeze(1) < attempts
-    first = first.clamp(max=attempts - 1)
+def crop_boxes(u, height, width, scale, ratio):
+    """T.RandomResizedCrop.get_params for n images of height x width at once, from split_uniforms'
+    area, aspect (n, ATTEMPTS each), top and left (n,): each sample tries ATTEMPTS boxes (area
+    fraction uniform in scale, log aspect ratio uniform in log(ratio)) and keeps the first that fits,
+    else takes torchvision's fallback (central crop, ratio clamped). Returns (top, left, h, w), each
+    (n,) int64."""
+    target = height * width * _between(u["area"], *scale)  # (n, ATTEMPTS)
+    aspect = torch.exp(_between(u["aspect"], math.log(ratio[0]), math.log(ratio[1])))  # (n, ATTEMPTS)
+    w = torch.round(torch.sqrt(target * aspect)).long()  # (n, ATTEMPTS)
+    h = torch.round(torch.sqrt(target / aspect)).long()  # (n, ATTEMPTS)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (n, ATTEMPTS)
+    # index of the first box that fits (argmax takes the first maximum); `found` where any does
+    first = fits.byte().argmax(1, keepdim=True)  # (n, 1)
+    found = fits.any(1)  # (n,)
     # torchvision's fallback depends only on the image shape, so it is computed in python
     in_ratio = width / height
     if in_ratio < min(ratio):
@@ -186,8 +207,8 @@ def sample_crop_boxes(n, height, width, scale, ratio, g, attempts=10):
     h = torch.where(found, h.gather(1, first).squeeze(1), fb_h)
     w = torch.where(found, w.gather(1, first).squeeze(1), fb_w)
     # top, left uniform integers in [0, H - h] and [0, W - w] (floor(u * count), kept below count)
-    top = torch.minimum((torch.rand(n, generator=g, device=g.device) * (height - h + 1)).long(), height - h)
-    left = torch.minimum((torch.rand(n, generator=g, device=g.device) * (width - w + 1)).long(), width - w)
+    top = torch.minimum((u["top"] * (height - h + 1)).long(), height - h)
+    left = torch.minimum((u["left"] * (width - w + 1)).long(), width - w)
     top = torch.where(found, top, (height - h) // 2)
     left = torch.where(found, left, (width - w) // 2)
     return top, left, h, w
@@ -227,8 +248,7 @@ def grayscale(img):
 
 
 def _blend(img, other, factor):
-    factor = _per_sample(factor)
-    return (factor * img + (1 - factor) * other).clamp(0, 1)
+    return torch.lerp(other, img, _per_sample(factor)).clamp(0, 1)  # factor * img + (1 - factor) * other
 
 
 def adjust_brightness(img, factor):
@@ -270,16 +290,28 @@ def color_jitter(img, brightness, contrast, saturation, hue, order, apply=None):
     of the op ids of JITTER_OPS, as ColorJitter's fn_idx), only where apply ((B,) bool, None: all).
     Brightness, contrast and saturation each blend the image with a target (black, the mean of its
     grayscale, its grayscale), so one blend per step does whichever of them each sample takes there,
-    with factor 1 (no change) for the others; hue is computed for all and picked with torch.where."""
-    blend_factors = torch.stack([brightness, contrast, saturation, torch.ones_like(brightness)], 1)  # (B, 4)
+    with factor 1 (exactly no change) for samples with nothing to blend. Hue, the costly op, is
+    computed once: each sample's blends before its hue (up to three steps), the hue rotation, then
+    its blends after it (up to three)."""
+    factors = torch.stack([brightness, contrast, saturation, torch.ones_like(brightness)], 1)  # (B, 4)
     if apply is not None:
         order = torch.where(apply[:, None], order, 4)  # 4: no op at any step
-    for step in range(4):
-        op = order[:, step]  # (B,) each sample's op id at this step
-        gray = _gray(img)
-        target = torch.where(_per_sample(op == 2), gray, gray.mean((1, 2, 3), keepdim=True) * _per_sample(op == 1))
-        img = _blend(img, target, blend_factors.gather(1, op.clamp(max=3)[:, None]).squeeze(1))
-        img = torch.where(_per_sample(op == 3), adjust_hue(img, hue), img)
+    is_hue = order == 3  # (B, 4): True at the step of each jittered sample's hue
+    hue_step = is_hue.byte().argmax(1, keepdim=True)  # (B, 1): 0 for samples not jittered (all steps 4)
+    steps = torch.arange(4, device=img.device)  # (4,)
+    # (B, 6): each sample's blend ops before its hue (steps 0-2), then after it (steps 1-3); 4: none
+    ops = torch.cat([torch.where(steps[:3] < hue_step, order[:, :3], 4),
+                     torch.where(steps[1:] > hue_step, order[:, 1:], 4)], 1)[:, :, None, None, None]
+    # per blend: its factor, whether its target is the gray image (saturation), and the mean of the
+    # gray image as a 0/1 weight (contrast; brightness blends with 0); each (B, 6, 1, 1, 1)
+    factor = factors.gather(1, ops.clamp(max=3).flatten(1)).view(ops.shape)
+    to_gray, contrast_weight = ops == 2, (ops == 1).float()
+    for step in range(6):
+        if step == 3:
+            img = torch.where(_per_sample(is_hue.any(1)), adjust_hue(img, hue), img)
+        gray = _gray(img)  # (B, 1, H, W)
+        target = torch.where(to_gray[:, step], gray, gray.mean((1, 2, 3), keepdim=True) * contrast_weight[:, step])
+        img = torch.lerp(target, img, factor[:, step]).clamp(0, 1)  # lerp's weight 1 gives img exactly
     return img
 
 
@@ -307,8 +339,8 @@ def normalize(img, mean, std):
 
 
 class BatchView:
-    """One view's pipeline for a batch, as carl_view / carp_view: sample() draws each sample's random
-    parameters from a generator, apply() makes the views from them; calling it does both."""
+    """One view's pipeline for a batch, as carl_view / carp_view: parameters() turns each sample's
+    uniforms into its random parameters, apply() makes the views from them; sample() draws and turns."""
 
     def __init__(self, size, dataset, *, scale, jitter, jitter_p, gray_p, blur_p, solarize_p):
         self.size, self.scale, self.jitter = size, scale, jitter
@@ -316,32 +348,40 @@ class BatchView:
         self.kernel, self.sigma = blur_kernel_sigma(size)
         self.mean, self.std = MEAN_STD.get(dataset, IMAGENET_STATS)
 
-    def sample(self, n, height, width, g):
-        """Parameters for n images of height x width: a dict of (n,) tensors ((n, 4) for order) on g's device."""
-        top, left, h, w = sample_crop_boxes(n, height, width, self.scale, RATIO, g)
+    def parameters(self, u, height, width):
+        """u (n, UNIFORMS) -> parameters for n images of height x width: a dict of (n,) tensors
+        ((n, 4) for order). Steps with probability p apply where their uniform is below p (as
+        RandomApply: never at p = 0, always at p = 1)."""
+        u = split_uniforms(u)
+        top, left, h, w = crop_boxes(u, height, width, self.scale, RATIO)
         b, c, s, hue = self.jitter  # ColorJitter's ranges: [max(0, 1 - x), 1 + x], hue [-hue, hue]
         return dict(
             top=top, left=left, height=h, width=w,
-            flip=_coin(n, FLIP_P, g),
-            jitter=_coin(n, self.jitter_p, g),
-            # (n, 4): a random permutation per sample, as ColorJitter's randperm(4)
-            order=torch.rand(n, 4, generator=g, device=g.device).argsort(dim=1, stable=True),
-            brightness=_uniform(n, max(0, 1 - b), 1 + b, g),
-            contrast=_uniform(n, max(0, 1 - c), 1 + c, g),
-            saturation=_uniform(n, max(0, 1 - s), 1 + s, g),
-            hue=_uniform(n, -hue, hue, g),
-            gray=_coin(n, self.gray_p, g),
-            blur=_coin(n, self.blur_p, g),
-            sigma=_uniform(n, *self.sigma, g),
-            solarize=_coin(n, self.solarize_p, g),
+            flip=u["flip"] < FLIP_P,
+            jitter=u["jitter"] < self.jitter_p,
+            order=u["order"].argsort(dim=1, stable=True),  # (n, 4): a random permutation, as ColorJitter's randperm(4)
+            brightness=_between(u["brightness"], max(0, 1 - b), 1 + b),
+            contrast=_between(u["contrast"], max(0, 1 - c), 1 + c),
+            saturation=_between(u["saturation"], max(0, 1 - s), 1 + s),
+            hue=_between(u["hue"], -hue, hue),
+            gray=u["gray"] < self.gray_p,
+            blur=u["blur"] < self.blur_p,
+            sigma=_between(u["sigma"], *self.sigma),
+            solarize=u["solarize"] < self.solarize_p,
         )
+
+    def sample(self, n, height, width, g):
+        """Parameters for n images of height x width, drawn from the generator g."""
+        return self.parameters(draw_uniforms(n, g), height, width)
 
     def apply(self, img, p):
         """img (B, 3, H, W) float in [0, 1] or uint8 -> (B, 3, size, size) float32, normalised."""
         x = resized_crop(to_float(img), p["top"], p["left"], p["height"], p["width"], self.size, p["flip"])
-        x = color_jitter(x, p["brightness"], p["contrast"], p["saturation"], p["hue"], p["order"], p["jitter"])
-        x = torch.where(_per_sample(p["gray"]), grayscale(x), x)
-        if self.blur_p > 0:  # a setting, not a tensor: skips the work when the step never applies
+        if self.jitter_p > 0:  # a setting, not a tensor: skips the work when the step never applies
+            x = color_jitter(x, p["brightness"], p["contrast"], p["saturation"], p["hue"], p["order"], p["jitter"])
+        if self.gray_p > 0:
+            x = torch.where(_per_sample(p["gray"]), grayscale(x), x)
+        if self.blur_p > 0:
             x = torch.where(_per_sample(p["blur"]), gaussian_blur(x, self.kernel, p["sigma"]), x)
         if self.solarize_p > 0:
             x = torch.where(_per_sample(p["solarize"]), solarize(x), x)
@@ -353,14 +393,28 @@ class BatchView:
 
 class BatchTwoViews:
     """(x, g) -> (view_a, view_b): x (B, 3, H, W) uint8 on the device, g a torch.Generator on that
-    device; each view (B, 3, size, size) float32, normalised."""
+    device; each view (B, 3, size, size) float32, normalised. One draw of random numbers per call;
+    everything after it is make(), a pure function of (x, uniforms), which compile() hands to
+    torch.compile."""
 
     def __init__(self, first, second):
         self.first, self.second = first, second
+        self.make_views = self.make
+
+    def make(self, x, u):
+        """x (B, 3, H, W) uint8, u (2, B, UNIFORMS) -> (view_a, view_b)."""
+        img = to_float(x)
+        H, W = img.shape[-2:]
+        return (self.first.apply(img, self.first.parameters(u[0], H, W)),
+                self.second.apply(img, self.second.parameters(u[1], H, W)))
+
+    def compile(self):
+        """Fuse make() into a few kernels (fixed shapes: every training batch has the same)."""
+        self.make_views = torch.compile(self.make, dynamic=False)
+        return self
 
     def __call__(self, x, g):
-        img = to_float(x)
-        return self.first(img, g), self.second(img, g)
+        return self.make_views(x, draw_uniforms(x.shape[0], g, views=2))
 
 
 def batch_view(kind, view, size, dataset):
@@ -368,6 +422,11 @@ def batch_view(kind, view, size, dataset):
     v = VIEWS[kind]
     return BatchView(size, dataset, scale=v["scale"], jitter=v["jitter"], jitter_p=v["jitter_p"],
                      gray_p=v["gray_p"], blur_p=v["blur_p"][view], solarize_p=v["solarize_p"][view])
+
+
+def batch_train_view(size, dataset):
+    """The batched train_view: (x (B, 3, H, W) uint8, g) -> (B, 3, size, size) float32, normalised."""
+    return BatchView(size, dataset, **TRAIN_VIEW)
 
 
 def batch_pretrain_views(kind, size, dataset):

@@ -4,8 +4,8 @@ order in which training visits them.
 Every dataset yields (image, label) with a PIL image; `split` is "pretrain" (what
 self-supervised training sees: STL-10 adds its 100k unlabeled images), "train" (the
 labelled train split) or "test" (imagefolder: `val/`, or `test/` when there is no `val/`).
-`load_images` decodes a whole split once into a uint8 tensor, for `train.py --loader device`
-and the kNN monitor. A missing or empty dataset, or an unreadable image, exits with one line
+`load_images` decodes a whole split once into a uint8 tensor, for `--loader device` (train.py,
+its kNN monitor, evaluate.py). A missing or empty dataset, or an unreadable image, exits with one line
 naming the path.
 """
 import concurrent.futures
@@ -185,6 +185,20 @@ def load_images(name, split, data_dir="data", download=False, size=32, max_bytes
     if max_bytes is not None and images[0].numel() * len(keep) > max_bytes:
         _fail(f"{name} {split} needs {images[0].numel() * len(keep) / 2**30:.1f} GiB held whole; use --loader workers")
     return images[keep].contiguous(), labels[keep]
+
+
+def default_loader(dataset, image_size):
+    """--loader's default: device (the split decoded once into memory, views made in batches), except
+    for ImageFolder trees of large images (ImageNet), which do not fit."""
+    return "workers" if dataset == "imagefolder" and image_size > 96 else "device"
+
+
+def memory_budget(device):
+    """The most bytes a decoded split may take: half the free memory of `device` (GPU memory, or
+    the available RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def _cache_path(root, tag):

@@ -21,7 +21,9 @@ Linear probes train 100 epochs, or 50 when evaluating on another dataset than th
 (thesis 5.7.2). Architecture, stem, image size and dataset come from the checkpoint's stored args
 unless a flag overrides them; a backbone.pt (plain torchvision state_dict) has none, so they come
 from the flags, the weights (stem) and the images (size).
-Prints a table and appends one JSON line per result to <ckpt dir>/eval.jsonl.
+--loader device (train.py's default) decodes each split once into memory on the device and makes
+the views of knn, linear and linear-aug there in batches; semi and finetune use PIL views in
+DataLoader processes. Prints a table and appends one JSON line per result to <ckpt dir>/eval.jsonl.
 """
 import argparse
 import json
@@ -76,6 +78,11 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="linear, linear-aug, semi and finetune")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the semi-supervised label subsets")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--loader", default=None, choices=["device", "workers"],
+                   help="for knn, linear and linear-aug: device (each split decoded once into memory on the "
+                        "device, views made there in batches) or workers (PIL views in DataLoader processes; "
+                        "semi and finetune always use these); default as train.py's: workers for ImageFolder "
+                        "trees of large images, else device")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     p.add_argument("--seed", type=int, default=0, help="random-init weights and training order")
     args = p.parse_args(argv)
@@ -188,6 +195,23 @@ def semi_subset(ds, labels, fraction, args):
     return pos, path
 
 
+class DeviceBatches:
+    """(view(images[idx]), labels[idx]) for each batch of `order` (default: as stored), images
+    (N, 3, H, W) uint8 and labels (N,) on one device; has a len, for progress()."""
+
+    def __init__(self, images, labels, batch_size, view, order=None):
+        self.images, self.labels, self.view = images, labels, view
+        order = torch.arange(len(labels), device=labels.device) if order is None else order  # (N,)
+        self.batches = order.split(batch_size)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for idx in self.batches:
+            yield self.view(self.images[idx]), self.labels[idx]
+
+
 def make_loader(ds, batch_size, workers, device, shuffle=False, seed=0, drop_last=False):
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                        pin_memory=device.type == "cuda", drop_last=drop_last,
@@ -287,6 +311,18 @@ def train_linear(train_feats, train_labels, num_classes, epochs=100, lr=0.1, bat
     return head
 
 
+def device_aug_epochs(images, labels, batch_size, args, device):
+    """linear-aug's epochs with --loader device: a function returning one epoch of (train_view of a
+    batch, labels) in a fresh shuffled order, made on the device (augment.batch_train_view)."""
+    view = augment.batch_train_view(args.image_size, args.dataset)
+    g_order, g_views = torch.Generator().manual_seed(args.seed), torch.Generator(device=device).manual_seed(args.seed)
+
+    def epoch():
+        order = torch.randperm(len(labels), generator=g_order).to(device)  # (N,)
+        return DeviceBatches(images, labels, batch_size, lambda x: view(x, g_views), order)
+    return epoch
+
+
 def finetune(backbone, head, loader, epochs, lr, weight_decay, device, label="finetune"):
     """Train backbone (BatchNorm in train mode) and head together with cross-entropy, in place."""
     net = nn.Sequential(backbone, head).to(device, memory_format=torch.channels_last).train()
@@ -338,8 +374,18 @@ def main(argv=None):
     eval_tf = augment.eval_view(args.image_size, args.dataset)
     train_tf = augment.train_view(args.image_size, args.dataset)
     bs, nw = args.batch_size, args.workers
-    train_eval_loader = make_loader(Transformed(train_set, eval_tf), bs, nw, device)
     test_loader = make_loader(Transformed(test_set, eval_tf), bs, nw, device)
+    args.loader = args.loader or data.default_loader(args.dataset, args.image_size)
+    if args.loader == "device" and {"knn", "linear", "linear-aug"} & set(args.protocol):
+        held = {}  # split -> (images (N, 3, H, W) uint8, labels (N,)) on the device
+        for split, subset in (("train", args.train_subset), ("test", args.test_subset)):
+            images, labels = data.load_images(args.dataset, split, args.data_dir, args.download, args.image_size,
+                                              data.memory_budget(device), subset, f"--{split}-subset")
+            held[split] = images.to(device), labels.to(device)
+        eval_batch = lambda x: augment.eval_batch(x, args.image_size, args.dataset)  # noqa: E731
+        feature_batches = {split: DeviceBatches(*held[split], bs, eval_batch) for split in held}
+    else:
+        feature_batches = {"train": make_loader(Transformed(train_set, eval_tf), bs, nw, device), "test": test_loader}
     label_fractions = []  # (protocol, fraction of the train labels) to fine-tune on
     if "semi" in args.protocol:
         label_fractions += [("semi", f) for f in SEMI_FRACTIONS]
@@ -351,7 +397,7 @@ def main(argv=None):
     print(f"evaluating {args.ckpt} ({args.arch}, {'cifar' if args.cifar_stem else 'imagenet'} stem, "
           f"pretrained on {args.pretrain_dataset or 'unknown'}) on {args.dataset} at {args.image_size} px "
           f"({size_from}): {len(train_set)} train / {len(test_set)} test images, {num_classes} classes, "
-          f"{probe_epochs}{device.type}", flush=True)
+          f"{probe_epochs}{device.type}, {args.loader} loader", flush=True)
     scale = args.image_size / min(first_image.size)
     if not 0.5 <= scale <= 2:  # far from the images' own size: costly upsampling or lost detail
         w, h = first_image.size
@@ -382,9 +428,9 @@ def main(argv=None):
         if "knn" in args.protocol or linear_probes:  # frozen features of unaugmented images
             t0 = time.time()
             train_feats, train_y = extract_features(  # (N_train, F), (N_train,)
-                backbone, progress(train_eval_loader, f"{name} features, train split: batch"), device)
+                backbone, progress(feature_batches["train"], f"{name} features, train split: batch"), device)
             test_feats, test_y = extract_features(  # (N_test, F), (N_test,)
-                backbone, progress(test_loader, f"{name} features, test split: batch"), device)
+                backbone, progress(feature_batches["test"], f"{name} features, test split: batch"), device)
             t_feats = time.time() - t0
 
         if "knn" in args.protocol:
@@ -399,8 +445,13 @@ def main(argv=None):
             t0 = time.time()
             aug_batches = None
             if protocol == "linear-aug":  # backbone frozen in eval mode, features of fresh crop/flip views per batch
-                aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device, shuffle=True, seed=args.seed)
-                aug_batches = lambda: (extract_features(backbone, [b], device) for b in aug_loader)  # (B, F), (B,)
+                if args.loader == "device":
+                    aug_epoch = device_aug_epochs(*held["train"], bs, args, device)
+                else:
+                    aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device, shuffle=True,
+                                             seed=args.seed)
+                    aug_epoch = lambda: aug_loader  # noqa: E731
+                aug_batches = lambda: (extract_features(backbone, [b], device) for b in aug_epoch())  # (B, F), (B,)
 
             torch.manual_seed(args.seed)
             head = train_linear(train_feats, train_y, num_classes, args.linear_epochs, args.linear_lr, bs,

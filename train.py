@@ -6,8 +6,9 @@
 
 Writes <out-dir>/log.jsonl (one JSON line per log step and per kNN evaluation), and
 <out-dir>/run.pt (everything needed to continue) with <out-dir>/backbone.pt (a plain torchvision
-ResNet state_dict without `fc`) every epoch, every --ckpt-every-min minutes and when stopped by
-SIGTERM/SIGUSR1. The same command run again continues from <out-dir>/run.pt at the next step.
+ResNet state_dict without `fc`) every --ckpt-every-epochs epochs, every --ckpt-every-min minutes, at
+the end and when stopped by SIGTERM/SIGUSR1. The same command run again continues from
+<out-dir>/run.pt at the next step.
 Flags left unset take the thesis settings for the method and dataset (DEFAULTS below).
 """
 import argparse
@@ -110,12 +111,14 @@ def parse_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
                    help="default: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else off")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, and the device loader's views")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes per rank (--loader workers)")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--resume", default=None,
                    help="continue from this run.pt (only needed when it lies outside --out-dir)")
+    p.add_argument("--ckpt-every-epochs", type=int, default=1,
+                   help="write run.pt at the end of every N-th epoch (more than 1 where epochs take seconds)")
     p.add_argument("--ckpt-every-min", type=float, default=15.0, help="also write run.pt inside an epoch this often")
     p.add_argument("--knn-every", type=int, default=None,
                    help="kNN top-1 (k=200) every N epochs, after the last, and before the first (default: 1 for "
@@ -150,7 +153,7 @@ def resolve(args):
     if args.cifar_stem is None:
         args.cifar_stem = args.image_size <= models.CIFAR_STEM_MAX_PX
     if args.loader is None:
-        args.loader = "workers" if args.dataset == "imagefolder" and args.image_size > 96 else "device"
+        args.loader = data.default_loader(args.dataset, args.image_size)
     if args.optimizer not in ("larc", "lars", "sgd"):
         fail(f"unknown --optimizer {args.optimizer!r}; choose larc, lars or sgd")
     if args.method == "carp" and args.num_prototypes % args.block_size:
@@ -158,7 +161,7 @@ def resolve(args):
     if args.until_epoch is not None and not 0 < args.until_epoch <= args.epochs:
         fail(f"--until-epoch {args.until_epoch} must lie in 1..--epochs {args.epochs}")
     for key in ("epochs", "batch_size", "num_prototypes", "image_size", "log_every", "proto_init_gain",
-                "final_lr_ratio", "ckpt_every_min"):
+                "final_lr_ratio", "ckpt_every_min", "ckpt_every_epochs"):
         if getattr(args, key) <= 0:
             fail(f"--{key.replace('_', '-')} must be positive")
     if args.knn_every < 0:
@@ -277,6 +280,8 @@ def pretrain_batches(args, source, batches, rank, device):
     """(view_a, view_b) on `device` for each step of `batches` (data.Batches), by either loader."""
     if args.loader == "device":
         views = augment.batch_pretrain_views(args.views, args.image_size, args.dataset)
+        if args.compile:  # fuses the views' few hundred small ops: on a GPU their launches cost more than the maths
+            views.compile()
         g = torch.Generator(device=device)
         order, order_epoch = None, None
         for step in range(batches.start, batches.stop):
@@ -333,9 +338,9 @@ class KnnMonitor:
     @torch.no_grad()
     def __call__(self, backbone, batch_size=256):
         feats = []
+        eval_batch = lambda x: augment.eval_batch(x, self.args.image_size, self.args.dataset)  # noqa: E731
         for images, labels in self.splits:
-            batches = ((augment.eval_batch(images[i:i + batch_size], self.args.image_size, self.args.dataset),
-                        labels[i:i + batch_size]) for i in range(0, len(images), batch_size))
+            batches = evaluate.DeviceBatches(images, labels, batch_size, eval_batch)
             feats.append(evaluate.extract_features(backbone, batches, self.device))  # ((N, F), (N,))
         backbone.train()
         (bank, bank_labels), (queries, query_labels) = feats
@@ -384,8 +389,7 @@ def pretrain(args, stop_signal):
         fail("--amp fp16 needs a GPU; use --amp bf16 or off on the CPU")
 
     # Data: this rank's share of every global batch, in an order fixed by (seed, epoch).
-    max_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else \
-        os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    max_bytes = data.memory_budget(device)
     source, labels = load_pretrain_data(args, device, max_bytes)
     num_images, num_classes = len(labels), len(labels[labels >= 0].unique())
     if num_images < args.batch_size:
@@ -500,7 +504,7 @@ def pretrain(args, stop_signal):
                       f"kl {rec['kl']:.4f} lam {rec['lam']:.3f} lr {rec['lr']:.4g} in-use {rec['in_use']}/"
                       f"{args.num_prototypes} {rate:.0f} img/s eta {rec['eta_min']}m", flush=True)
 
-            if epoch_done or flags.any():
+            if flags.any() or step + 1 == end_step or (epoch_done and (epoch + 1) % args.ckpt_every_epochs == 0):
                 save(step + 1)
                 last_save = time.time()
             stopping = flags[0] and step + 1 < end_step

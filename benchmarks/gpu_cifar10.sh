@@ -5,14 +5,18 @@
 # thesis's linear protocol (linear-aug) with evaluate.py.
 #
 #   bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10                    # CARL
-#   METHOD=carp MINUTES=8 bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10
+#   METHOD=carp MINUTES=8 bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10 --compile
 #
+# Flags after the data folder go to train.py (speed flags such as --compile, which may differ
+# between the calls of one run). run.pt is written every 10 epochs (an epoch takes seconds),
+# at the end, and when stopped.
 # MINUTES (default 0: no limit) caps this call's training: train.py then gets SIGTERM, writes
 # run.pt at the step it reached, and the same command continues from there. RUNS (default
 # runs/gpu-cifar10). The views are made on the GPU (--loader device, the default for CIFAR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:?usage: $0 DATA_DIR}
+DATA=${1:?usage: $0 DATA_DIR [train.py flags]}
+shift
 METHOD=${METHOD:-carl}
 MINUTES=${MINUTES:-0}
 RUN=${RUNS:-runs/gpu-cifar10}/$METHOD
@@ -26,7 +30,8 @@ esac
 
 status=0
 timeout --preserve-status --signal=TERM --kill-after=120 "${MINUTES}m" \
-    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 10 --out-dir "$RUN" \
+    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 10 --ckpt-every-epochs 10 \
+    --out-dir "$RUN" "$@" \
     || status=$?
 if [ "$status" -eq 143 ]; then
     echo "gpu-cifar10 $METHOD: stopped after $MINUTES min; run the same command to continue"

@@ -5,6 +5,8 @@
   (b) train.py's loop with --loader workers (PIL views in DataLoader processes)
   (c) train.py's loop with --loader device  (views made on the training device, in batches)
 
+With --compile, (a) and the device views are also timed without it, and (c) compiles both.
+
 then the ratios (b)/(a) and (c)/(a), and where a step's time goes (data alone for each loader,
 forward + backward, optimizer step with the foreach LARS against a per-parameter loop).
 
@@ -97,7 +99,7 @@ def main():
     print(f"{name}; {args.method} {args.arch}, {args.image_size} px, batch {args.batch_size}, amp {args.amp}"
           f"{', compiled' if args.compile else ''}; {opts.steps} timed steps", flush=True)
     views = 2 * args.batch_size
-    results = {"device": name, "batch": args.batch_size, "image_size": args.image_size, "amp": args.amp}
+    results = {"machine": name, "batch": args.batch_size, "image_size": args.image_size, "amp": args.amp}
 
     # (a) the bare step, then what bf16 and channels-last each buy (and --compile, when asked)
     def bare_setup(amp, channels_last, compile_):
@@ -141,14 +143,18 @@ def main():
     source, _ = train.load_pretrain_data(train.parse_args([*flags, "--loader", "device"]), device, None)
     results["dataset_mib"] = source.numel() / 2 ** 20  # uint8: one byte per value
     t_data = {}
-    for loader in ("workers", "device"):
+    for loader, name in [("workers", "workers"), ("device", "device")] + \
+            [("device", "device, not compiled")] * args.compile:
         a = train.parse_args([*flags, "--loader", loader, "--knn-every", "0"])
+        a.compile = args.compile and name != "device, not compiled"  # compiles the device views
         src = source if loader == "device" else train.load_pretrain_data(a, device, None)[0]
         batches = data.Batches(len(src), a.batch_size, 1, 0, a.seed, 0, opts.steps + 3)
         it = train.pretrain_batches(a, src, batches, 0, device)
-        t_data[loader] = timed(lambda: next(it), opts.steps, device)
+        t_data[name] = timed(lambda: next(it), opts.steps, device)
         it.close()  # shuts the DataLoader workers down before (b) and (c)
-        print(f"    data alone, {loader:7s}: {views / t_data[loader]:9.0f} views/s", flush=True)
+        print(f"    data alone, {name:20s} {views / t_data[name]:9.0f} views/s", flush=True)
+    if args.compile:
+        results["data_device_eager_ms"] = 1e3 * t_data["device, not compiled"]
     del source, src
     print(f"    split of the bare step: forward+backward {1e3 * t_fb:.1f} ms, optimizer {1e3 * t_opt:.1f} ms; "
           f"views {1e3 * t_data['device']:.1f} ms (device) / {1e3 * t_data['workers']:.1f} ms (workers)", flush=True)

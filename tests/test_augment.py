@@ -1,6 +1,7 @@
 """View pipelines: output shapes, the CARP asymmetry, and blur sized to the image; the batched
 pipelines against torchvision: each op, the random parameters' distributions, determinism."""
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -144,13 +145,13 @@ def test_eval_batch_matches_eval_view(shape, size):
     torch.testing.assert_close(out, per_sample(lambda z: tensor_path(z.float() / 255), x), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind,view,size", [("carl", 0, 32), ("carp", 0, 48), ("carp", 1, 48)])
+@pytest.mark.parametrize("kind,view,size", [("carl", 0, 32), ("carp", 0, 48), ("carp", 1, 48), ("train", 0, 32)])
 def test_batch_view_applies_its_parameters_as_torchvision_would(kind, view, size):
     """apply() against the same steps done one image at a time with torchvision's functional ops, with
-    each step switched on for some samples and off for others."""
+    each step switched on for some samples and off for others (the train view has crop and flip only)."""
     n = 12
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen(2))
-    bv = augment.batch_view(kind, view, size, "cifar10")
+    bv = augment.batch_train_view(size, "cifar10") if kind == "train" else augment.batch_view(kind, view, size, "cifar10")
     p = bv.sample(n, 32, 32, gen(3))
     i = torch.arange(n)
     p.update(flip=i % 2 == 0, jitter=i % 3 != 0, gray=i % 4 == 1, blur=i % 2 == 1, solarize=i % 3 == 1,
@@ -162,10 +163,10 @@ def test_batch_view_applies_its_parameters_as_torchvision_would(kind, view, size
         ref = TF.resized_crop(x[k].float() / 255, *box, [size, size], antialias=True)
         if p["flip"][k]:
             ref = TF.hflip(ref)
-        if p["jitter"][k]:
+        if p["jitter"][k] and bv.jitter_p > 0:
             for op in p["order"][k].tolist():
                 ref = ops[op](ref, p[["brightness", "contrast", "saturation", "hue"][op]][k].item())
-        if p["gray"][k]:
+        if p["gray"][k] and bv.gray_p > 0:
             ref = TF.rgb_to_grayscale(ref, 3)
         if p["blur"][k] and bv.blur_p > 0:
             ref = TF.gaussian_blur(ref, [bv.kernel] * 2, [bv.sigma[1]] * 2)
@@ -180,10 +181,15 @@ def test_batch_view_applies_its_parameters_as_torchvision_would(kind, view, size
 N = 20_000
 
 
+def boxes(H, W, scale, seed):
+    """(top, left, h, w) of N crops of an H x W image from augment's sampler."""
+    return augment.crop_boxes(augment.split_uniforms(augment.draw_uniforms(N, gen(seed))), H, W, scale, augment.RATIO)
+
+
 @pytest.mark.parametrize("kind", ["carl", "carp"])
 def test_crop_boxes_follow_torchvision(kind):
     scale, H, W = augment.VIEWS[kind]["scale"], 32, 32
-    top, left, h, w = augment.sample_crop_boxes(N, H, W, scale, augment.RATIO, gen(4))
+    top, left, h, w = boxes(H, W, scale, 4)
     torch.manual_seed(4)
     ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(1, H, W), scale, augment.RATIO)
                         for _ in range(N // 2)]).T  # (4, N / 2): top, left, h, w
@@ -199,7 +205,7 @@ def test_crop_boxes_follow_torchvision(kind):
 def test_crop_fallback_rate_follows_torchvision():
     # 30 x 200: ~40% of samples find no box in 10 tries and take the central 30 x 40 crop
     H, W = 30, 200
-    top, left, h, w = augment.sample_crop_boxes(N, H, W, (0.08, 1.0), augment.RATIO, gen(5))
+    top, left, h, w = boxes(H, W, (0.08, 1.0), 5)
     torch.manual_seed(5)
     ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(1, H, W), (0.08, 1.0), augment.RATIO)
                         for _ in range(5000)])
@@ -262,6 +268,10 @@ def test_batch_and_pil_views_share_their_settings():
             (_, jitter), = find(view, T.ColorJitter)
             assert tuple(crop.scale) == bv.scale and tuple(crop.ratio) == augment.RATIO
             assert (jitter.brightness[1] - 1, jitter.hue[1]) == pytest.approx((bv.jitter[0], bv.jitter[3]))
+    crop, flip = augment.train_view(32, "cifar10").transforms[:2]
+    bv = augment.batch_train_view(32, "cifar10")
+    assert (tuple(crop.scale), tuple(crop.ratio), flip.p) == (bv.scale, augment.RATIO, augment.FLIP_P)
+    assert bv.jitter_p == bv.gray_p == bv.blur_p == bv.solarize_p == 0
 
 
 # -- the two views of a batch
@@ -317,3 +327,29 @@ def test_batch_views_do_not_read_tensor_values_on_the_host(monkeypatch):
     out = augment.eval_batch(x, 32, "cifar10")
     monkeypatch.undo()
     assert a.shape == (4, 3, 64, 64) and out.shape == (4, 3, 32, 32)
+
+
+def test_views_are_one_draw_then_a_pure_function():
+    """A call draws each view's uniforms once and make() does the rest from them alone: the same
+    uniforms give the same views, whatever the generator did since."""
+    x = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8, generator=gen(19))
+    views = augment.batch_pretrain_views("carp", 24, "cifar10")
+    g = gen(20)
+    u = augment.draw_uniforms(6, g, views=2)  # (2, 6, UNIFORMS)
+    assert u.shape == (2, 6, augment.UNIFORMS)
+    a, b = views(x, gen(20))
+    a2, b2 = views.make(x, u)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_views_match_eager():
+    """--compile's views (torch.compile of make(), inductor on the CPU here, Triton on a GPU) against
+    the eager ones: the same views up to float rounding, CARP's pipeline having every step."""
+    x = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8, generator=gen(21))
+    eager = augment.batch_pretrain_views("carp", 16, "cifar10")
+    compiled = augment.batch_pretrain_views("carp", 16, "cifar10").compile()
+    for seed in (22, 23):  # the second call reuses the compiled code
+        for ours, ref in zip(compiled(x, gen(seed)), eager(x, gen(seed))):
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)

@@ -210,9 +210,11 @@ def test_backbone_pt_loads_with_stem_detected(run_dir, capsys):
         evaluate.main(["--ckpt", str(run_dir / "backbone.pt"), "--no-cifar-stem", *knn])
 
 
-def test_thesis_probe_linear_aug(run_dir, capsys, monkeypatch):
-    """linear-aug: crop/flip views through the frozen backbone, which stays in eval mode (its BatchNorm
-    statistics untouched), recorded as its own protocol beside the fast probe."""
+@pytest.mark.parametrize("loader", ["device", "workers"])
+def test_thesis_probe_linear_aug(run_dir, capsys, monkeypatch, loader):
+    """linear-aug: crop/flip views (made on the device, or by PIL in the loader's processes) through the
+    frozen backbone, which stays in eval mode (its BatchNorm statistics untouched), recorded as its own
+    protocol beside the fast probe."""
     built = []
     build = evaluate.build_backbone
 
@@ -224,7 +226,7 @@ def test_thesis_probe_linear_aug(run_dir, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "build_backbone", keep_copy)
     monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0)
     results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "linear", "linear-aug",
-                             "--linear-epochs", "2", *TINY])
+                             "--linear-epochs", "2", "--loader", loader, *TINY])
     assert [r[1] for r in results] == ["linear", "linear-aug"]
     records = read_records(run_dir / "eval.jsonl")[-2:]
     assert [(r["protocol"], r["setting"], r["settings"]["epochs"]) for r in records] == [
@@ -233,6 +235,17 @@ def test_thesis_probe_linear_aug(run_dir, capsys, monkeypatch):
     (net, before), = built
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key  # running_mean, running_var, num_batches_tracked too
+
+
+def test_device_and_workers_loaders_agree(run_dir, capsys):
+    """The same eval views either way (batched on the device, PIL in workers): the same kNN results,
+    and linear probes within one test image of each other (2 points of 50)."""
+    argv = ["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", "--linear-epochs", "3", *TINY]
+    device, workers = evaluate.main([*argv, "--loader", "device"]), evaluate.main([*argv, "--loader", "workers"])
+    assert "cpu, device loader" in capsys.readouterr().out
+    assert [r[1] for r in device] == [r[1] for r in workers] == ["knn k=200", "knn k=20", "linear"]
+    assert [r[2:] for r in device[:2]] == [r[2:] for r in workers[:2]]
+    assert device[2][2] == pytest.approx(workers[2][2], abs=2.01)
 
 
 def test_image_size_from_what_it_knows(run_dir, tmp_path, capsys):

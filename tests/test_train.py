@@ -364,6 +364,7 @@ def assert_untouched(d, fp):
     (["--proto-init-gain", "0"], r"--proto-init-gain must be positive"),
     (["--final-lr-ratio", "0"], r"--final-lr-ratio must be positive"),
     (["--ckpt-every-min", "0"], r"--ckpt-every-min must be positive"),
+    (["--ckpt-every-epochs", "0"], r"--ckpt-every-epochs must be positive"),
     (["--knn-every", "-1"], r"--knn-every must be 0 \(off\) or positive"),
     (["--train-subset", "-10"], r"--train-subset must be positive"),
     (["--knn-test-subset", "0"], r"--knn-test-subset must be positive"),
@@ -444,3 +445,40 @@ def test_device_loader_refuses_a_split_that_does_not_fit(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sysconf", lambda name: 1000)  # ~0.5 MB of "free memory"
     with pytest.raises(SystemExit, match=r"synthetic pretrain needs .* GiB held whole; use --loader workers"):
         run_main(["--method", "carl", "--workers", "0", "--out-dir", str(tmp_path / "r")])
+
+
+def test_compile_flag_compiles_the_model_and_the_device_views(monkeypatch, tmp_path):
+    """--compile hands torch.compile the model and the device loader's views (the real compile of the
+    views is tested in test_augment.py; the model's takes minutes on a CPU); both are then what runs."""
+    compiled = []
+
+    def fake_compile(fn, **kwargs):
+        def run(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+        name = getattr(fn, "__name__", type(fn).__name__)
+        calls[name] = 0
+        compiled.append(name)
+        return run
+    calls = {}
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    run_main([*CARL, "--epochs", "1", "--loader", "device", "--compile", "--out-dir", str(tmp_path / "r")])
+    assert sorted(compiled) == ["AssignmentModel", "make"]
+    assert calls == {"AssignmentModel": 3, "make": 3}  # every one of the 3 steps
+
+
+def test_ckpt_every_epochs(monkeypatch, tmp_path):
+    """run.pt at the end of every N-th epoch and of the run (3 steps per epoch here)."""
+    saved = []
+    real = train.atomic_save
+
+    def record(obj, path):
+        if path.endswith("run.pt"):
+            saved.append(obj["step"])
+        real(obj, path)
+    monkeypatch.setattr(train, "atomic_save", record)
+    run_main([*CARL, "--epochs", "3", "--ckpt-every-epochs", "2", "--out-dir", str(tmp_path / "r")])
+    assert saved == [6, 9]
+    saved.clear()
+    run_main([*CARL, "--epochs", "3", "--out-dir", str(tmp_path / "every")])
+    assert saved == [3, 6, 9]
