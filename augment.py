@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 MEAN_STD = {
@@ -111,20 +112,31 @@ def pretrain_views(method, size, dataset):
                     carp_view(size, dataset, blur_p=blur_2, solarize_p=solarize_2))
 
 
-def _eval_resize(size):
+def eval_resize(size):
     """eval_view's short side: size * 8/7 (ImageNet's 256 for 224), or size for small images."""
     return size if size <= 64 else round(size * 8 / 7)
 
 
-def eval_geometry(size):
-    """eval_view's resize and centre crop, on a PIL image."""
-    return T.Compose([T.Resize(_eval_resize(size), antialias=True), T.CenterCrop(size)])
+def stored_square(size):
+    """PIL image -> how a tree of mixed image sizes is held for the device loader: eval_view's resize,
+    then a square of the short side, placed so that eval_batch's centre crop of it (no second resize)
+    is exactly eval_view's crop; random crops then come from that square, not the whole image."""
+    short = eval_resize(size)
+
+    def centre(extent):  # T.CenterCrop's offset of a `size` crop
+        return int(round((extent - size) / 2.0))
+
+    def fit(img):
+        img = TF.resize(img, short, antialias=True)
+        width, height = img.size
+        return TF.crop(img, centre(height) - centre(short), centre(width) - centre(short), short, short)
+    return fit
 
 
 def eval_view(size, dataset):
     """Deterministic: resize the short side to size * 8/7 (ImageNet's 256 for 224), centre crop.
     Small images (<= 64 px) are only resized to `size`, since their objects fill the frame."""
-    return T.Compose([eval_geometry(size), *_finish(dataset)])
+    return T.Compose([T.Resize(eval_resize(size), antialias=True), T.CenterCrop(size), *_finish(dataset)])
 
 
 def train_view(size, dataset):
@@ -299,7 +311,8 @@ def color_jitter(img, brightness, contrast, saturation, hue, order, apply=None):
     is_hue = order == 3  # (B, 4): True at the step of each jittered sample's hue
     hue_step = is_hue.byte().argmax(1, keepdim=True)  # (B, 1): 0 for samples not jittered (all steps 4)
     steps = torch.arange(4, device=img.device)  # (4,)
-    # (B, 6): each sample's blend ops before its hue (steps 0-2), then after it (steps 1-3); 4: none
+    # (B, 6, 1, 1, 1): each sample's blend ops before its hue (steps 0-2), then after it (steps 1-3);
+    # 4: none; the trailing dims broadcast over an image batch
     ops = torch.cat([torch.where(steps[:3] < hue_step, order[:, :3], 4),
                      torch.where(steps[1:] > hue_step, order[:, 1:], 4)], 1)[:, :, None, None, None]
     # per blend: its factor, whether its target is the gray image (saturation), and the mean of the
@@ -310,6 +323,7 @@ def color_jitter(img, brightness, contrast, saturation, hue, order, apply=None):
         if step == 3:
             img = torch.where(_per_sample(is_hue.any(1)), adjust_hue(img, hue), img)
         gray = _gray(img)  # (B, 1, H, W)
+        # (B, 1, H, W): the gray image, its mean (contrast) or 0 (brightness; none: unused at factor 1)
         target = torch.where(to_gray[:, step], gray, gray.mean((1, 2, 3), keepdim=True) * contrast_weight[:, step])
         img = torch.lerp(target, img, factor[:, step]).clamp(0, 1)  # lerp's weight 1 gives img exactly
     return img
@@ -442,7 +456,7 @@ def eval_batch(x, size, dataset):
     normalised. Resizes (bilinear, antialiased, as T.Resize on tensors) only when the shape changes."""
     img = to_float(x)
     H, W = img.shape[-2:]
-    short = _eval_resize(size)
+    short = eval_resize(size)
     # T.Resize(short): the short side to `short`, the long one scaled and truncated as torchvision does
     rh, rw = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
     if (rh, rw) != (H, W):

@@ -167,7 +167,7 @@ def load_images(name, split, data_dir="data", download=False, size=32, max_bytes
     """Decode a split once: (images (N, 3, H, W) uint8, labels (N,) int64, -1 for unlabeled).
 
     Images keep their own size when they all share one; otherwise (an ImageFolder tree of mixed
-    sizes) each is resized and centre-cropped to size x size as eval views are. An ImageFolder
+    sizes) each is held as a square around its eval view (augment.stored_square). An ImageFolder
     tree is decoded once and cached (see `_cache_path`). subset: only the class-balanced subset
     `subset_indices(labels, subset, flag)`, chosen before decoding. max_bytes: refuse, before
     decoding, a split that would not fit."""
@@ -214,7 +214,8 @@ def _decode_folder(ds, keep, size, max_bytes):
     samples = [ds.samples[i][0] for i in keep.tolist()]
     # The cache is valid while every file keeps its path, size and modification time.
     stats = [os.stat(p) for p in samples]
-    fingerprint = hashlib.sha1("".join(f"{p},{s.st_size},{s.st_mtime_ns};" for p, s in zip(samples, stats))
+    held = f"mixed sizes held as {augment.eval_resize(size)} px squares;"  # augment.stored_square's side
+    fingerprint = hashlib.sha1((held + "".join(f"{p},{s.st_size},{s.st_mtime_ns};" for p, s in zip(samples, stats)))
                                .encode()).hexdigest()
     path = _cache_path(ds.root, f"{size}px" + (f"-{len(keep)}of{len(ds)}" if len(keep) < len(ds) else ""))
     if os.path.exists(path):
@@ -247,12 +248,12 @@ def _decode_folder(ds, keep, size, max_bytes):
                 _fail(str(e))
 
         sizes = set(run(header, samples, "reading"))
-        mixed = len(sizes) > 1  # then each image is resized and cropped as eval views are
-        w, h = (size, size) if mixed else sizes.pop()
+        mixed = len(sizes) > 1  # then each image is held as augment.stored_square makes it
+        w, h = (augment.eval_resize(size),) * 2 if mixed else sizes.pop()
         if max_bytes is not None and len(samples) * 3 * h * w > max_bytes:
             _fail(f"{ds.root}: {len(samples)} images of {w}x{h} need {len(samples) * 3 * h * w / 2**30:.1f} GiB held "
                   f"whole; use --loader workers")
-        fit = augment.eval_geometry(size) if mixed else (lambda img: img)
+        fit = augment.stored_square(size) if mixed else (lambda img: img)
         images = torch.empty(len(samples), 3, h, w, dtype=torch.uint8)  # (n, 3, H, W)
 
         def decode(i):

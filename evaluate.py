@@ -21,9 +21,11 @@ Linear probes train 100 epochs, or 50 when evaluating on another dataset than th
 (thesis 5.7.2). Architecture, stem, image size and dataset come from the checkpoint's stored args
 unless a flag overrides them; a backbone.pt (plain torchvision state_dict) has none, so they come
 from the flags, the weights (stem) and the images (size).
---loader device (train.py's default) decodes each split once into memory on the device and makes
-the views of knn, linear and linear-aug there in batches; semi and finetune use PIL views in
-DataLoader processes. Prints a table and appends one JSON line per result to <ckpt dir>/eval.jsonl.
+--loader device (the default, as train.py's: not for ImageFolder trees at more than 96 px) decodes
+each split once into memory on the device and makes the views of knn, linear and linear-aug there
+in batches (linear-aug's on PIL workers when the images are larger than the input size); semi and
+finetune use PIL views in DataLoader processes.
+Prints a table and appends one JSON line per result to <ckpt dir>/eval.jsonl.
 """
 import argparse
 import json
@@ -84,7 +86,7 @@ def parse_args(argv=None):
                         "semi and finetune always use these); default as train.py's: workers for ImageFolder "
                         "trees of large images, else device")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
-    p.add_argument("--seed", type=int, default=0, help="random-init weights and training order")
+    p.add_argument("--seed", type=int, default=0, help="random-init weights, training order and linear-aug's views")
     args = p.parse_args(argv)
     for protocol in args.protocol:
         if protocol not in PROTOCOLS:
@@ -201,14 +203,14 @@ class DeviceBatches:
 
     def __init__(self, images, labels, batch_size, view, order=None):
         self.images, self.labels, self.view = images, labels, view
-        order = torch.arange(len(labels), device=labels.device) if order is None else order  # (N,)
-        self.batches = order.split(batch_size)
+        self.order, self.batch_size = order, batch_size
 
     def __len__(self):
-        return len(self.batches)
+        return -(-len(self.labels) // self.batch_size)
 
     def __iter__(self):
-        for idx in self.batches:
+        for i in range(0, len(self.labels), self.batch_size):
+            idx = slice(i, i + self.batch_size) if self.order is None else self.order[i:i + self.batch_size]
             yield self.view(self.images[idx]), self.labels[idx]
 
 
@@ -384,6 +386,9 @@ def main(argv=None):
             held[split] = images.to(device), labels.to(device)
         eval_batch = lambda x: augment.eval_batch(x, args.image_size, args.dataset)  # noqa: E731
         feature_batches = {split: DeviceBatches(*held[split], bs, eval_batch) for split in held}
+        if "linear-aug" in args.protocol and max(held["train"][0].shape[-2:]) > args.image_size:
+            print(f"linear-aug: the images are larger than {args.image_size} px and the batched crop does not "
+                  f"antialias when it shrinks, so its views are made by PIL in --workers processes", flush=True)
     else:
         feature_batches = {"train": make_loader(Transformed(train_set, eval_tf), bs, nw, device), "test": test_loader}
     label_fractions = []  # (protocol, fraction of the train labels) to fine-tune on
@@ -445,7 +450,7 @@ def main(argv=None):
             t0 = time.time()
             aug_batches = None
             if protocol == "linear-aug":  # backbone frozen in eval mode, features of fresh crop/flip views per batch
-                if args.loader == "device":
+                if args.loader == "device" and max(held["train"][0].shape[-2:]) <= args.image_size:
                     aug_epoch = device_aug_epochs(*held["train"], bs, args, device)
                 else:
                     aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device, shuffle=True,

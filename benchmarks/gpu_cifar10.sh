@@ -8,8 +8,8 @@
 #   METHOD=carp MINUTES=8 bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10 --compile
 #
 # Flags after the data folder go to train.py (speed flags such as --compile, which may differ
-# between the calls of one run). run.pt is written every 10 epochs (an epoch takes seconds),
-# at the end, and when stopped.
+# between the calls of one run). run.pt is written every 10 epochs (an epoch takes seconds) or
+# 3 minutes, at the end, and when stopped.
 # MINUTES (default 0: no limit) caps this call's training: train.py then gets SIGTERM, writes
 # run.pt at the step it reached, and the same command continues from there. RUNS (default
 # runs/gpu-cifar10). The views are made on the GPU (--loader device, the default for CIFAR).
@@ -30,7 +30,7 @@ esac
 
 status=0
 timeout --preserve-status --signal=TERM --kill-after=120 "${MINUTES}m" \
-    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 10 --ckpt-every-epochs 10 \
+    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 10 --ckpt-every-epochs 10 --ckpt-every-min 3 \
     --out-dir "$RUN" "$@" \
     || status=$?
 if [ "$status" -eq 143 ]; then

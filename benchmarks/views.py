@@ -1,6 +1,7 @@
 """The device loader's views alone: ms per batch (both views) for CARL's and CARP's pipelines,
 eager and with --compile's torch.compile, and how many ops of the eager pipeline launch a kernel
-(each is a kernel launch on a GPU, where their count, not the maths, set the speed).
+(each is a kernel launch on a GPU, where their count, not the maths, sets the speed); the
+compiled views' largest difference from the eager ones (float rounding).
 
     python benchmarks/views.py                         # CPU: batch 256, 32 px
     python benchmarks/views.py --batch-size 256 --image-size 32 --calls 100    # GPU
@@ -57,6 +58,9 @@ def main():
                 views.compile()(x, g)
                 sync()
                 ops = f", compiled in {time.perf_counter() - t0:.0f} s"
+                u = augment.draw_uniforms(len(x), g, views=2)  # (2, B, UNIFORMS)
+                diff = max((a - b).abs().max().item() for a, b in zip(views.make_views(x, u), views.make(x, u)))
+                ops += f", differs from eager by {diff:.1e} at most"
             else:
                 with CountKernelOps() as counter:
                     views(x, g)

@@ -3,6 +3,7 @@ pipelines against torchvision: each op, the random parameters' distributions, de
 import itertools
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
@@ -140,9 +141,22 @@ def test_eval_batch_matches_eval_view(shape, size):
     assert (out - pil).abs().max() < 1.01 / 255 / min(augment.MEAN_STD["cifar10"][1])
     if size <= 64 and shape == (size, size):  # nothing to resize: the same numbers
         torch.testing.assert_close(out, pil)
-    tensor_path = T.Compose([T.Resize(augment._eval_resize(size), antialias=True), T.CenterCrop(size),
+    tensor_path = T.Compose([T.Resize(augment.eval_resize(size), antialias=True), T.CenterCrop(size),
                              T.Normalize(*augment.MEAN_STD["cifar10"])])
     torch.testing.assert_close(out, per_sample(lambda z: tensor_path(z.float() / 255), x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [32, 80, 112])
+def test_stored_square_then_eval_batch_is_eval_view(size):
+    """A tree of mixed sizes is held as stored_square's squares; eval_batch's centre crop of those (no
+    second resize) gives exactly eval_view's pixels, for wide, tall and odd-sided images."""
+    rng = np.random.default_rng(0)
+    for h, w in [(90, 130), (131, 97), (100, 101), (120, 120)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        held = torch.from_numpy(np.array(augment.stored_square(size)(img))).permute(2, 0, 1)  # (3, S, S)
+        assert held.shape == (3, augment.eval_resize(size), augment.eval_resize(size))
+        torch.testing.assert_close(augment.eval_batch(held[None], size, "cifar10")[0],
+                                   augment.eval_view(size, "cifar10")(img), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kind,view,size", [("carl", 0, 32), ("carp", 0, 48), ("carp", 1, 48), ("train", 0, 32)])
@@ -151,7 +165,8 @@ def test_batch_view_applies_its_parameters_as_torchvision_would(kind, view, size
     each step switched on for some samples and off for others (the train view has crop and flip only)."""
     n = 12
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen(2))
-    bv = augment.batch_train_view(size, "cifar10") if kind == "train" else augment.batch_view(kind, view, size, "cifar10")
+    bv = (augment.batch_train_view(size, "cifar10") if kind == "train"
+          else augment.batch_view(kind, view, size, "cifar10"))
     p = bv.sample(n, 32, 32, gen(3))
     i = torch.arange(n)
     p.update(flip=i % 2 == 0, jitter=i % 3 != 0, gray=i % 4 == 1, blur=i % 2 == 1, solarize=i % 3 == 1,
@@ -330,14 +345,15 @@ def test_batch_views_do_not_read_tensor_values_on_the_host(monkeypatch):
 
 
 def test_views_are_one_draw_then_a_pure_function():
-    """A call draws each view's uniforms once and make() does the rest from them alone: the same
-    uniforms give the same views, whatever the generator did since."""
+    """A call draws each view's uniforms once (the generator moves by that one draw) and make() does the
+    rest from them alone: the same uniforms give the same views."""
     x = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8, generator=gen(19))
     views = augment.batch_pretrain_views("carp", 24, "cifar10")
-    g = gen(20)
+    g, g_call = gen(20), gen(20)
     u = augment.draw_uniforms(6, g, views=2)  # (2, 6, UNIFORMS)
     assert u.shape == (2, 6, augment.UNIFORMS)
-    a, b = views(x, gen(20))
+    a, b = views(x, g_call)
+    assert torch.equal(g.get_state(), g_call.get_state())
     a2, b2 = views.make(x, u)
     assert torch.equal(a, a2) and torch.equal(b, b2)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import augment
 import data
 import evaluate
 import model as models
@@ -225,9 +226,12 @@ def test_thesis_probe_linear_aug(run_dir, capsys, monkeypatch, loader):
 
     monkeypatch.setattr(evaluate, "build_backbone", keep_copy)
     monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0)
+    device_views, train_view = [], augment.batch_train_view
+    monkeypatch.setattr(augment, "batch_train_view", lambda *a: device_views.append(a) or train_view(*a))
     results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "linear", "linear-aug",
                              "--linear-epochs", "2", "--loader", loader, *TINY])
     assert [r[1] for r in results] == ["linear", "linear-aug"]
+    assert len(device_views) == (loader == "device")  # the crops were made where the loader says
     records = read_records(run_dir / "eval.jsonl")[-2:]
     assert [(r["protocol"], r["setting"], r["settings"]["epochs"]) for r in records] == [
         ("linear", "", 2), ("linear-aug", "", 2)]
@@ -246,6 +250,36 @@ def test_device_and_workers_loaders_agree(run_dir, capsys):
     assert [r[1] for r in device] == [r[1] for r in workers] == ["knn k=200", "knn k=20", "linear"]
     assert [r[2:] for r in device[:2]] == [r[2:] for r in workers[:2]]
     assert device[2][2] == pytest.approx(workers[2][2], abs=2.01)
+
+
+def test_loaders_agree_on_a_tree_of_mixed_sizes(run_dir, tmp_path, capsys):
+    """At 80 px eval views resize by 8/7 and crop: the device loader's held squares give the same
+    kNN numbers as PIL views of the original files."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "mixed" / split / c)
+            for i, (h, w) in enumerate([(84, 120), (110, 90), (96, 97)]):
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "mixed" / split / c / f"{i}.png")
+    argv = ["--ckpt", str(run_dir / "backbone.pt"), "--dataset", "imagefolder", "--data-dir", str(tmp_path / "mixed"),
+            "--image-size", "80", "--protocol", "knn", "--knn-k", "3", "--workers", "0"]
+    device, workers = evaluate.main([*argv, "--loader", "device"]), evaluate.main([*argv, "--loader", "workers"])
+    assert [r[2:] for r in device] == [r[2:] for r in workers]
+
+
+def test_linear_aug_on_images_larger_than_the_input_uses_pil(run_dir, capsys):
+    """The batched crop does not antialias when it shrinks: 20 px synthetic images probed at 16 px
+    get linear-aug's views from PIL, said in one line."""
+    evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "linear-aug", "--linear-epochs", "1",
+                   "--image-size", "16", *TINY])
+    assert "linear-aug: the images are larger than 16 px" in capsys.readouterr().out
+
+
+def test_device_loader_refuses_a_split_that_does_not_fit(run_dir, monkeypatch):
+    monkeypatch.setattr(os, "sysconf", lambda name: 1000)  # ~0.5 MB of "free memory"
+    with pytest.raises(SystemExit, match=r"synthetic train needs .* GiB held whole; use --loader workers"):
+        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "--workers", "0"])
 
 
 def test_image_size_from_what_it_knows(run_dir, tmp_path, capsys):

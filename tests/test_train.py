@@ -482,3 +482,7 @@ def test_ckpt_every_epochs(monkeypatch, tmp_path):
     saved.clear()
     run_main([*CARL, "--epochs", "3", "--out-dir", str(tmp_path / "every")])
     assert saved == [3, 6, 9]
+    saved.clear()
+    run_main([*CARL, "--epochs", "3", "--until-epoch", "1", "--ckpt-every-epochs", "2",
+              "--out-dir", str(tmp_path / "u")])
+    assert saved == [3]  # --until-epoch's end is the end of this call's run
