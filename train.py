@@ -481,6 +481,8 @@ def pretrain(args, stop_signal):
             for group in optimizer.param_groups:
                 group["lr"] = float(lrs[step]) * group["lr_scale"]
             loss, stats = train_step(net, optimizer, scaler, autocast, view_a, view_b, args, float(lams[step]), step)
+            if step == start_step:  # the speed is timed from here: the first step waits for --compile
+                t_first = time.time()
 
             # Every rank agrees, each step, whether to stop (a signal reached any rank) or save (rank 0's clock).
             save_due = rank == 0 and time.time() - last_save > 60 * args.ckpt_every_min
@@ -493,7 +495,8 @@ def pretrain(args, stop_signal):
                     fail(f"loss is {loss.item()} at step {step}; lower --lr, or raise --lam-start")
             if rank == 0 and (step % args.log_every == 0 or epoch_done):
                 now = time.time()
-                rate = args.batch_size * (step + 1 - start_step) / (now - t_start)  # images/s this session
+                done, since = (step - start_step, t_first) if step > start_step else (1, t_start)
+                rate = args.batch_size * done / (now - since)  # images/s this session, after its first step
                 rec = {"epoch": epoch, "step": step, "loss": loss.item(), "consistency": stats["consistency"].item(),
                        "kl": stats["kl"].item(), "entropy": float(stats["entropy"]), "in_use": int(stats["in_use"]),
                        "lam": float(lams[step]), "lr": float(lrs[step]), "img_per_s": round(rate, 1),
