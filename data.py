@@ -5,8 +5,8 @@ Every dataset yields (image, label) with a PIL image; `split` is "pretrain" (wha
 self-supervised training sees: STL-10 adds its 100k unlabeled images), "train" (the
 labelled train split) or "test" (imagefolder: `val/`, or `test/` when there is no `val/`).
 `load_images` decodes a whole split once into a uint8 tensor, for `--loader device` (train.py,
-its kNN monitor, evaluate.py). A missing or empty dataset, or an unreadable image, exits with one line
-naming the path.
+its kNN monitor, evaluate.py). A missing or empty dataset, or an unreadable image, exits with
+one line naming the path.
 """
 import concurrent.futures
 import hashlib

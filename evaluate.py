@@ -386,11 +386,13 @@ def main(argv=None):
             held[split] = images.to(device), labels.to(device)
         eval_batch = lambda x: augment.eval_batch(x, args.image_size, args.dataset)  # noqa: E731
         feature_batches = {split: DeviceBatches(*held[split], bs, eval_batch) for split in held}
-        if "linear-aug" in args.protocol and max(held["train"][0].shape[-2:]) > args.image_size:
+        aug_on_device = max(held["train"][0].shape[-2:]) <= args.image_size  # the batched crop never shrinks
+        if "linear-aug" in args.protocol and not aug_on_device:
             print(f"linear-aug: the images are larger than {args.image_size} px and the batched crop does not "
                   f"antialias when it shrinks, so its views are made by PIL in --workers processes", flush=True)
     else:
         feature_batches = {"train": make_loader(Transformed(train_set, eval_tf), bs, nw, device), "test": test_loader}
+        aug_on_device = False
     label_fractions = []  # (protocol, fraction of the train labels) to fine-tune on
     if "semi" in args.protocol:
         label_fractions += [("semi", f) for f in SEMI_FRACTIONS]
@@ -450,7 +452,7 @@ def main(argv=None):
             t0 = time.time()
             aug_batches = None
             if protocol == "linear-aug":  # backbone frozen in eval mode, features of fresh crop/flip views per batch
-                if args.loader == "device" and max(held["train"][0].shape[-2:]) <= args.image_size:
+                if aug_on_device:
                     aug_epoch = device_aug_epochs(*held["train"], bs, args, device)
                 else:
                     aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device, shuffle=True,
