@@ -214,7 +214,7 @@ def _decode_folder(ds, keep, size, max_bytes):
     samples = [ds.samples[i][0] for i in keep.tolist()]
     # The cache is valid while every file keeps its path, size and modification time.
     stats = [os.stat(p) for p in samples]
-    held = f"mixed sizes held as {augment.eval_resize(size)} px squares;"  # augment.stored_square's side
+    held = f"v2: mixed sizes held as {augment.eval_resize(size)} px squares by augment.stored_square;"
     fingerprint = hashlib.sha1((held + "".join(f"{p},{s.st_size},{s.st_mtime_ns};" for p, s in zip(samples, stats)))
                                .encode()).hexdigest()
     path = _cache_path(ds.root, f"{size}px" + (f"-{len(keep)}of{len(ds)}" if len(keep) < len(ds) else ""))

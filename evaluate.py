@@ -386,10 +386,13 @@ def main(argv=None):
             held[split] = images.to(device), labels.to(device)
         eval_batch = lambda x: augment.eval_batch(x, args.image_size, args.dataset)  # noqa: E731
         feature_batches = {split: DeviceBatches(*held[split], bs, eval_batch) for split in held}
-        aug_on_device = max(held["train"][0].shape[-2:]) <= args.image_size  # the batched crop never shrinks
+        # linear-aug's crops on the device only from images held as they are (a tree of mixed sizes is held as
+        # squares; one image's own size stands for that) and no larger than the input (no shrinking crops)
+        held_hw = tuple(held["train"][0].shape[-2:])
+        aug_on_device = held_hw == (first_image.height, first_image.width) and max(held_hw) <= args.image_size
         if "linear-aug" in args.protocol and not aug_on_device:
-            print(f"linear-aug: the images are larger than {args.image_size} px and the batched crop does not "
-                  f"antialias when it shrinks, so its views are made by PIL in --workers processes", flush=True)
+            print(f"linear-aug: the held images ({held_hw[1]}x{held_hw[0]} px) are not the files' own or are larger "
+                  f"than {args.image_size} px, so its views are made by PIL in --workers processes", flush=True)
     else:
         feature_batches = {"train": make_loader(Transformed(train_set, eval_tf), bs, nw, device), "test": test_loader}
         aug_on_device = False

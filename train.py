@@ -482,6 +482,8 @@ def pretrain(args, stop_signal):
                 group["lr"] = float(lrs[step]) * group["lr_scale"]
             loss, stats = train_step(net, optimizer, scaler, autocast, view_a, view_b, args, float(lams[step]), step)
             if step == start_step:  # the speed is timed from here: the first step waits for --compile
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # once a session: the first step's GPU work inside, not after
                 t_first = time.time()
 
             # Every rank agrees, each step, whether to stop (a signal reached any rank) or save (rank 0's clock).

@@ -93,6 +93,7 @@ def _worker(rank, init_file, out_dir):
         finally:
             losses.global_batch_mean = real_mean
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (seen once: SIGABRT)
     finally:
         dist.destroy_process_group()
 

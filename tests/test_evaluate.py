@@ -252,7 +252,7 @@ def test_device_and_workers_loaders_agree(run_dir, capsys):
     assert device[2][2] == pytest.approx(workers[2][2], abs=2.01)
 
 
-def test_loaders_agree_on_a_tree_of_mixed_sizes(run_dir, tmp_path, capsys):
+def test_loaders_agree_on_a_tree_of_mixed_sizes(run_dir, tmp_path, capsys, monkeypatch):
     """At 80 px eval views resize by 8/7 and crop: the device loader's held squares give the same
     kNN numbers as PIL views of the original files."""
     rng = np.random.default_rng(1)
@@ -266,14 +266,20 @@ def test_loaders_agree_on_a_tree_of_mixed_sizes(run_dir, tmp_path, capsys):
             "--image-size", "80", "--protocol", "knn", "--knn-k", "3", "--workers", "0"]
     device, workers = evaluate.main([*argv, "--loader", "device"]), evaluate.main([*argv, "--loader", "workers"])
     assert [r[2:] for r in device] == [r[2:] for r in workers]
+    # linear-aug crops whole images, as PIL's train_view does, not the held squares
+    monkeypatch.setattr(augment, "batch_train_view", lambda *a: pytest.fail("crops made on the device"))
+    evaluate.main([*argv[:8], "--protocol", "linear-aug", "--linear-epochs", "1", "--workers", "0"])  # no knn flags
+    assert "linear-aug: the held images (91x91 px) are not the files' own" in capsys.readouterr().out
 
 
-def test_linear_aug_on_images_larger_than_the_input_uses_pil(run_dir, capsys):
+def test_linear_aug_on_images_larger_than_the_input_uses_pil(run_dir, capsys, monkeypatch):
     """The batched crop does not antialias when it shrinks: 20 px synthetic images probed at 16 px
     get linear-aug's views from PIL, said in one line."""
+    monkeypatch.setattr(augment, "batch_train_view", lambda *a: pytest.fail("crops made on the device"))
     evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "linear-aug", "--linear-epochs", "1",
                    "--image-size", "16", *TINY])
-    assert "linear-aug: the images are larger than 16 px" in capsys.readouterr().out
+    assert "linear-aug: the held images (20x20 px) are not the files' own or are larger than 16 px" in \
+        capsys.readouterr().out
 
 
 def test_device_loader_refuses_a_split_that_does_not_fit(run_dir, monkeypatch):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -486,3 +487,19 @@ def test_ckpt_every_epochs(monkeypatch, tmp_path):
     run_main([*CARL, "--epochs", "3", "--until-epoch", "1", "--ckpt-every-epochs", "2",
               "--out-dir", str(tmp_path / "u")])
     assert saved == [3]  # --until-epoch's end is the end of this call's run
+
+
+def test_images_per_s_is_timed_after_the_first_step(monkeypatch, tmp_path):
+    """A slow first step (as --compile's) shows in the first log line only: later rates leave it out."""
+    real, calls = train.train_step, []
+
+    def slow_first(*args):
+        if not calls:
+            time.sleep(2)
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(train, "train_step", slow_first)
+    run_main([*CARL, "--epochs", "1", "--out-dir", str(tmp_path / "r")])
+    rates = [r["img_per_s"] for r in read_log(tmp_path / "r") if "loss" in r]  # steps 0, 1, 2 of 32 images
+    # with the 2 s counted, steps 1 and 2 could show at most 64 / 2 and 96 / 2 images/s
+    assert rates[0] < 32 / 2 and rates[1] > 64 / 2 and rates[2] > 96 / 2
