@@ -143,10 +143,12 @@ def main():
     source, _ = train.load_pretrain_data(train.parse_args([*flags, "--loader", "device"]), device, None)
     results["dataset_mib"] = source.numel() / 2 ** 20  # uint8: one byte per value
     t_data = {}
-    for loader, name in [("workers", "workers"), ("device", "device")] + \
-            [("device", "device, not compiled")] * args.compile:
+    runs = [("workers", "workers", False), ("device", "device", args.compile)]  # (loader, name, compile views)
+    if args.compile:
+        runs.append(("device", "device, not compiled", False))
+    for loader, name, compile_views in runs:
         a = train.parse_args([*flags, "--loader", loader, "--knn-every", "0"])
-        a.compile = args.compile and name != "device, not compiled"  # compiles the device views
+        a.compile = compile_views
         src = source if loader == "device" else train.load_pretrain_data(a, device, None)[0]
         batches = data.Batches(len(src), a.batch_size, 1, 0, a.seed, 0, opts.steps + 3)
         it = train.pretrain_batches(a, src, batches, 0, device)
