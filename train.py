@@ -111,7 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
                    help="default: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else off")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model, and the device loader's views")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model, and the device loader's views (default: on GPU only; the first "
+                        "step then takes about a minute)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes per rank (--loader workers)")
     p.add_argument("--out-dir", default="out")
@@ -387,6 +389,8 @@ def pretrain(args, stop_signal):
         args.amp = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "off"
     if args.amp == "fp16" and device.type != "cuda":
         fail("--amp fp16 needs a GPU; use --amp bf16 or off on the CPU")
+    if args.compile is None:  # 1.6x on an H100 (RESULTS.md); no gain measured on CPUs, where it needs a C++ compiler
+        args.compile = device.type == "cuda"
 
     # Data: this rank's share of every global batch, in an order fixed by (seed, epoch).
     max_bytes = data.memory_budget(device)
@@ -437,7 +441,8 @@ def pretrain(args, stop_signal):
               f"{device.type}, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, "
               f"K {args.num_prototypes}" + (f" in blocks of {args.block_size}" if args.method == "carp" else "")
               + f", {args.optimizer} wd {args.weight_decay:g}, {args.views} views, {args.loader} loader, amp "
-              f"{args.amp}", flush=True)
+              f"{args.amp}" + (", torch.compile (its first step takes about a minute)" if args.compile else ""),
+              flush=True)
         print(describe_schedules(args, lr), flush=True)
         if ckpt is not None:
             print(f"continuing {resume_from} at step {start_step} of {total_steps} "

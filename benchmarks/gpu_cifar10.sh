@@ -5,9 +5,9 @@
 # thesis's linear protocol (linear-aug) with evaluate.py.
 #
 #   bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10                    # CARL
-#   METHOD=carp MINUTES=8 bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10 --compile
+#   METHOD=carp MINUTES=8 bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10
 #
-# Flags after the data folder go to train.py (speed flags such as --compile, which may differ
+# Flags after the data folder go to train.py (speed flags such as --no-compile, which may differ
 # between the calls of one run). run.pt is written every 10 epochs (an epoch takes seconds) or
 # 3 minutes, at the end, and when stopped.
 # MINUTES (default 0: no limit) caps this call's training: train.py then gets SIGTERM, writes

@@ -1,14 +1,15 @@
 """Training throughput in views/s, all measured in one run on one machine:
 
   (a) bare: forward + backward + optimizer step on random tensors (the ceiling), and the same
-      without bf16, without channels-last (and without --compile when it is given)
+      without bf16, without channels-last (and not compiled, when compiled)
   (b) train.py's loop with --loader workers (PIL views in DataLoader processes)
   (c) train.py's loop with --loader device  (views made on the training device, in batches)
 
-With --compile, (a) and the device views are also timed without it, and (c) compiles both.
-
 then the ratios (b)/(a) and (c)/(a), and where a step's time goes (data alone for each loader,
 forward + backward, optimizer step with the foreach LARS against a per-parameter loop).
+
+Compiled (train.py's default on a GPU, or --compile), (a) and the device views are also timed
+eagerly, and (b) and (c) compile as train.py does; --no-compile times everything eagerly.
 
     python benchmarks/throughput.py                                        # CPU: synthetic, 16 px, batch 32
     python benchmarks/throughput.py --dataset imagefolder --data-dir ../shared/data/cifar10 \
@@ -95,6 +96,8 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" or train.cpu_has_native_bf16() else "off"
+    if args.compile is None:  # as train.py: compiled on a GPU unless --no-compile
+        args.compile = device.type == "cuda"
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; {args.method} {args.arch}, {args.image_size} px, batch {args.batch_size}, amp {args.amp}"
           f"{', compiled' if args.compile else ''}; {opts.steps} timed steps", flush=True)

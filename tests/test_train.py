@@ -450,7 +450,8 @@ def test_device_loader_refuses_a_split_that_does_not_fit(monkeypatch, tmp_path):
 
 def test_compile_flag_compiles_the_model_and_the_device_views(monkeypatch, tmp_path):
     """--compile hands torch.compile the model and the device loader's views (the real compile of the
-    views is tested in test_augment.py; the model's takes minutes on a CPU); both are then what runs."""
+    views is tested in test_augment.py; the model's takes minutes on a CPU); both are then what runs.
+    Without the flag, or with --no-compile, a CPU run compiles nothing."""
     compiled = []
 
     def fake_compile(fn, **kwargs):
@@ -466,6 +467,10 @@ def test_compile_flag_compiles_the_model_and_the_device_views(monkeypatch, tmp_p
     run_main([*CARL, "--epochs", "1", "--loader", "device", "--compile", "--out-dir", str(tmp_path / "r")])
     assert sorted(compiled) == ["AssignmentModel", "make"]
     assert calls == {"AssignmentModel": 3, "make": 3}  # every one of the 3 steps
+    compiled.clear()
+    for flags in ([], ["--no-compile"]):  # the default is on for a GPU only: nothing compiled on this CPU
+        run_main([*CARL, "--epochs", "1", "--loader", "device", *flags, "--out-dir", str(tmp_path / f"r{len(flags)}")])
+    assert compiled == []
 
 
 def test_ckpt_every_epochs(monkeypatch, tmp_path):
