@@ -356,6 +356,8 @@ def main(argv=None):
     previous = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum)) for s in STOP_SIGNALS}
     try:
         pretrain(args, stop_signal)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor's kernels
+        fail(f"torch.compile failed ({str(e).strip().splitlines()[0]}); run with --no-compile")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

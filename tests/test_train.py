@@ -473,6 +473,23 @@ def test_compile_flag_compiles_the_model_and_the_device_views(monkeypatch, tmp_p
     assert compiled == []
 
 
+def test_a_failed_compile_is_one_line(monkeypatch, tmp_path):
+    """A compiler that cannot run (here faked; a real one: CXX=/nonexistent/g++) ends the run with one
+    line that names the cause and the way round it, not a traceback."""
+    class Failed(torch._dynamo.exc.BackendCompilerFailed):
+        def __init__(self, msg):  # the parent's signature differs between torch versions
+            RuntimeError.__init__(self, msg)
+
+    def fake_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise Failed("InvalidCxxCompiler: No working C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1 ...")
+        return run
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    with pytest.raises(SystemExit, match=r"^error: torch.compile failed \(InvalidCxxCompiler: No working C\+\+ "
+                                         r"compiler found\); run with --no-compile$"):
+        run_main([*CARL, "--epochs", "1", "--compile", "--out-dir", str(tmp_path / "r")])
+
+
 def test_ckpt_every_epochs(monkeypatch, tmp_path):
     """run.pt at the end of every N-th epoch and of the run (3 steps per epoch here)."""
     saved = []
