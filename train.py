@@ -357,7 +357,10 @@ def main(argv=None):
     try:
         pretrain(args, stop_signal)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor's kernels
-        fail(f"torch.compile failed ({str(e).strip().splitlines()[0]}); run with --no-compile")
+        if os.environ.get("TORCHDYNAMO_VERBOSE") == "1":
+            raise
+        fail(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0]}); run with --no-compile, "
+             f"or with TORCHDYNAMO_VERBOSE=1 for the traceback")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -468,14 +468,15 @@ def test_compile_flag_compiles_the_model_and_the_device_views(monkeypatch, tmp_p
     assert sorted(compiled) == ["AssignmentModel", "make"]
     assert calls == {"AssignmentModel": 3, "make": 3}  # every one of the 3 steps
     compiled.clear()
-    for flags in ([], ["--no-compile"]):  # the default is on for a GPU only: nothing compiled on this CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU run, also on a machine with a GPU
+    for flags in ([], ["--no-compile"]):  # the default is on for a GPU only: nothing compiled on a CPU
         run_main([*CARL, "--epochs", "1", "--loader", "device", *flags, "--out-dir", str(tmp_path / f"r{len(flags)}")])
     assert compiled == []
 
 
 def test_a_failed_compile_is_one_line(monkeypatch, tmp_path):
     """A compiler that cannot run (here faked; a real one: CXX=/nonexistent/g++) ends the run with one
-    line that names the cause and the way round it, not a traceback."""
+    line that names the cause and the way round it, not a traceback (which TORCHDYNAMO_VERBOSE=1 keeps)."""
     class Failed(torch._dynamo.exc.BackendCompilerFailed):
         def __init__(self, msg):  # the parent's signature differs between torch versions
             RuntimeError.__init__(self, msg)
@@ -485,8 +486,12 @@ def test_a_failed_compile_is_one_line(monkeypatch, tmp_path):
             raise Failed("InvalidCxxCompiler: No working C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1 ...")
         return run
     monkeypatch.setattr(torch, "compile", fake_compile)
-    with pytest.raises(SystemExit, match=r"^error: torch.compile failed \(InvalidCxxCompiler: No working C\+\+ "
-                                         r"compiler found\); run with --no-compile$"):
+    with pytest.raises(SystemExit, match=r"^error: torch.compile failed \(Failed: InvalidCxxCompiler: No working "
+                                         r"C\+\+ compiler found\); run with --no-compile, or with "
+                                         r"TORCHDYNAMO_VERBOSE=1 for the traceback$"):
+        run_main([*CARL, "--epochs", "1", "--compile", "--out-dir", str(tmp_path / "r")])
+    monkeypatch.setenv("TORCHDYNAMO_VERBOSE", "1")
+    with pytest.raises(Failed):
         run_main([*CARL, "--epochs", "1", "--compile", "--out-dir", str(tmp_path / "r")])
 
 
