@@ -258,6 +258,16 @@ def cpu_has_native_bf16():
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def resolve_speed_flags(args, device):
+    """--amp and --compile left unset follow the device (benchmarks/throughput.py uses the same)."""
+    if args.amp is None:
+        args.amp = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "off"
+    if args.amp == "fp16" and device.type != "cuda":
+        fail("--amp fp16 needs a GPU; use --amp bf16 or off on the CPU")
+    if args.compile is None:  # 1.6x on an H100 (RESULTS.md); no gain measured on CPUs, where it needs a C++ compiler
+        args.compile = device.type == "cuda"
+
+
 def ignore_stop_signals(_worker_id=None):
     """DataLoader workers leave SIGTERM/SIGUSR1 to the main process, which stops them in order."""
     for s in STOP_SIGNALS:
@@ -390,12 +400,7 @@ def pretrain(args, stop_signal):
             print(f"{resume_from} is finished: {ckpt['epoch']} of {args.epochs} epochs done"
                   + (f" (--until-epoch {args.until_epoch})" if args.until_epoch else "") + "; nothing to do", flush=True)
         return
-    if args.amp is None:
-        args.amp = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "off"
-    if args.amp == "fp16" and device.type != "cuda":
-        fail("--amp fp16 needs a GPU; use --amp bf16 or off on the CPU")
-    if args.compile is None:  # 1.6x on an H100 (RESULTS.md); no gain measured on CPUs, where it needs a C++ compiler
-        args.compile = device.type == "cuda"
+    resolve_speed_flags(args, device)
 
     # Data: this rank's share of every global batch, in an order fixed by (seed, epoch).
     max_bytes = data.memory_budget(device)

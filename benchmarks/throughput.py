@@ -94,10 +94,7 @@ def main():
              "--batch-size", str(opts.batch_size), "--workers", str(opts.workers), *extra]
     args = train.parse_args([*flags, "--knn-every", "0"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.amp is None:
-        args.amp = "bf16" if device.type == "cuda" or train.cpu_has_native_bf16() else "off"
-    if args.compile is None:  # as train.py: compiled on a GPU unless --no-compile
-        args.compile = device.type == "cuda"
+    train.resolve_speed_flags(args, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; {args.method} {args.arch}, {args.image_size} px, batch {args.batch_size}, amp {args.amp}"
           f"{', compiled' if args.compile else ''}; {opts.steps} timed steps", flush=True)
