@@ -6,7 +6,8 @@ self-supervised training sees: STL-10 adds its 100k unlabeled images), "train" (
 labelled train split) or "test" (imagefolder: `val/`, or `test/` when there is no `val/`).
 `load_images` decodes a whole split once into a uint8 tensor, for `--loader device` (train.py,
 its kNN monitor, evaluate.py). A missing or empty dataset, or an unreadable image, exits with
-one line naming the path.
+one line naming the path; for cifar10, cifar100 and stl10 (torchvision's on-disk formats, LAYOUT),
+the missing or truncated file and the layout expected.
 """
 import concurrent.futures
 import hashlib
@@ -83,12 +84,43 @@ def _fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-def _torchvision(cls, data_dir, download, **kw):
+# What torchvision reads under --data-dir (every split checks every file, against the md5 of the published file).
+LAYOUT = {
+    "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} (the python version)",
+    "cifar100": "cifar-100-python/{train,test,meta} (the python version)",
+    "stl10": "stl10_binary/{train_X.bin,train_y.bin,test_X.bin,test_y.bin,unlabeled_X.bin} (the binary version)",
+}
+
+
+def _bad_file(cls, root):
+    """(path, what is wrong) for the first file of torchvision's `cls` that is missing, else the first
+    whose md5 is not the published one's; None when all are right."""
+    files = cls.train_list + cls.test_list + ([[cls.meta["filename"], cls.meta["md5"]]] if hasattr(cls, "meta") else [])
+    paths = [(os.path.join(root, cls.base_folder, name), md5) for name, md5 in files]
+    for path, _ in paths:  # every missing file is found before any is hashed (STL-10 holds 3 GB)
+        if not os.path.isfile(path):
+            return path, "is missing"
+    for path, md5 in paths:
+        if not torchvision.datasets.utils.check_integrity(path, md5):
+            return path, "is truncated or corrupted (its md5 is not the published file's)"
+    return None
+
+
+def _torchvision(cls, name, data_dir, download, **kw):
+    root = os.path.abspath(data_dir)
+    expected = f"expected {LAYOUT[name]} under {root}"
     try:
         return cls(root=data_dir, download=download, **kw)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
-        _fail(f"{cls.__name__} not found under {os.path.abspath(data_dir)} ({e}); "
-              f"pass --download to fetch it there, or --data-dir where it lies")
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted", naming no file
+        if not os.path.isdir(os.path.join(root, cls.base_folder)):
+            _fail(f"{cls.__name__} not found: {expected}; pass --download to fetch it there, or --data-dir "
+                  f"where it lies")
+        bad = _bad_file(cls, root)
+        what = f"{bad[0]} {bad[1]}" if bad else str(e)
+        _fail(f"{cls.__name__}: {what}; {expected}; pass --download to fetch it again")
+    except OSError as e:  # an unreadable file (the message names it), or a failed download
+        _fail(f"{cls.__name__} under {root}: {'could not download or read it' if download else 'cannot read it'} "
+              f"({type(e).__name__}: {e}); {expected}")
 
 
 class BadImageError(Exception):
@@ -122,10 +154,11 @@ def build_dataset(name, split, transform=None, data_dir="data", download=False):
         return Synthetic(split, transform)
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        return _torchvision(cls, data_dir, download, train=split != "test", transform=transform)
+        return _torchvision(cls, name, data_dir, download, train=split != "test", transform=transform)
     if name == "stl10":
         stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
-        return _torchvision(torchvision.datasets.STL10, data_dir, download, split=stl_split, transform=transform)
+        return _torchvision(torchvision.datasets.STL10, name, data_dir, download, split=stl_split,
+                            transform=transform)
     if download:
         _fail("--download does not apply to --dataset imagefolder")
     sub = "train" if split != "test" else ("val" if os.path.isdir(os.path.join(data_dir, "val")) else "test")
