@@ -15,6 +15,11 @@ Both read their settings from the tables `VIEWS` and `TRAIN_VIEW`.
   colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur (p=0.5). Both views alike.
 - CARP (thesis Listing 3, BYOL-style, asymmetric): crop 15%-92.5%, flip, strong colour
   jitter (p=0.8), grayscale (p=0.2); blur p=1.0 / 0.1 and solarize p=0.0 / 0.2 for views 1 / 2.
+- neurips23 (the published CARP code's, DINO's): crop 20%-100%, flip, colour jitter (0.4, 0.4,
+  0.2, 0.1; p=0.8), grayscale (p=0.2); blur p=1.0 / 0.1 and solarize p=0.0 / 0.2 for views 1 / 2.
+Multi-crop: views past the first two global crops alternate their settings; local crops are view
+1's pipeline with their own crop scale, blur p=0.5 and no solarisation (the published code's
+local crops), made at their own (smaller) size.
 Blur is sized to the image: the kernel is ~10% of the side (odd, >= 3) and sigma is the thesis's
 0.1-2.0 px at 224 px scaled by side / 224, so it takes the same share of a 32 px CIFAR image as of
 an ImageNet crop (unscaled, up to 2 px on a 32 px image would blur 7x harder). At 32 px that all
@@ -42,7 +47,10 @@ VIEWS = {
                  blur_p=(0.5, 0.5), solarize_p=(0.0, 0.0)),
     "carp": dict(scale=(0.15, 0.925), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2,
                  blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)),
+    "neurips23": dict(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2,
+                      blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)),
 }
+LOCAL_BLUR_P = 0.5  # local crops' blur probability (the published CARP code; SwAV's multi-crop alike)
 # train_view's (the supervised heads'): RandomResizedCrop's default scale and flip only
 TRAIN_VIEW = dict(scale=(0.08, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
                   solarize_p=0.0)
@@ -58,6 +66,18 @@ def blur_kernel_sigma(size):
     return kernel, (0.1 * scale, 2.0 * scale)
 
 
+def view_settings(kind, global_crops=2, local_crops=0, local_scale=None):
+    """One settings dict per view of kind "carl", "carp" or "neurips23" (VIEWS), read by both
+    implementations: the global crops (alternating view 1 / view 2 settings), then the local crops."""
+    v = VIEWS[kind]
+    common = dict(jitter=v["jitter"], jitter_p=v["jitter_p"], gray_p=v["gray_p"])
+    views = [dict(common, scale=v["scale"], blur_p=v["blur_p"][i % 2], solarize_p=v["solarize_p"][i % 2])
+             for i in range(global_crops)]
+    if local_crops:
+        views += [dict(common, scale=tuple(local_scale), blur_p=LOCAL_BLUR_P, solarize_p=0.0)] * local_crops
+    return views
+
+
 # ---------------------------------------------------------------- PIL, in the DataLoader workers
 
 def _finish(dataset):
@@ -70,46 +90,34 @@ def _blur(size, p):
     return T.RandomApply([T.GaussianBlur(kernel, sigma=sigma)], p=p)
 
 
-def _crop_jitter_gray(v, size):
-    return [
-        T.RandomResizedCrop(size, scale=v["scale"], ratio=RATIO, antialias=True),
-        T.RandomHorizontalFlip(FLIP_P),
-        T.RandomApply([T.ColorJitter(*v["jitter"])], p=v["jitter_p"]),
-        T.RandomGrayscale(p=v["gray_p"]),
-    ]
-
-
-def carl_view(size, dataset):
-    v = VIEWS["carl"]
-    return T.Compose([*_crop_jitter_gray(v, size), _blur(size, p=v["blur_p"][0]), *_finish(dataset)])
-
-
-def carp_view(size, dataset, blur_p, solarize_p):
+def pil_view(size, dataset, *, scale, jitter, jitter_p, gray_p, blur_p, solarize_p):
+    """One view's PIL pipeline from its settings (view_settings): img -> (3, size, size) float32."""
     return T.Compose([
-        *_crop_jitter_gray(VIEWS["carp"], size),
+        T.RandomResizedCrop(size, scale=scale, ratio=RATIO, antialias=True),
+        T.RandomHorizontalFlip(FLIP_P),
+        T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
+        T.RandomGrayscale(p=gray_p),
         _blur(size, p=blur_p),
-        T.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p),
+        *([T.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p)] if solarize_p > 0 else []),
         *_finish(dataset),
     ])
 
 
-class TwoViews:
-    """img -> (view_a, view_b), each (3, size, size)."""
+class MultiViews:
+    """img -> [view 1, view 2, ...], each from its own pipeline."""
 
-    def __init__(self, first, second):
-        self.first, self.second = first, second
+    def __init__(self, views):
+        self.views = views
 
     def __call__(self, img):
-        return self.first(img), self.second(img)
+        return [view(img) for view in self.views]
 
 
-def pretrain_views(method, size, dataset):
-    if method == "carl":
-        view = carl_view(size, dataset)
-        return TwoViews(view, view)
-    (blur_1, blur_2), (solarize_1, solarize_2) = VIEWS["carp"]["blur_p"], VIEWS["carp"]["solarize_p"]
-    return TwoViews(carp_view(size, dataset, blur_p=blur_1, solarize_p=solarize_1),
-                    carp_view(size, dataset, blur_p=blur_2, solarize_p=solarize_2))
+def pretrain_views(kind, size, dataset, global_crops=2, local_crops=0, local_size=None, local_scale=None):
+    """The PIL views of one image for pretraining: global crops at `size`, local ones at `local_size`."""
+    settings = view_settings(kind, global_crops, local_crops, local_scale)
+    sizes = [size] * global_crops + [local_size] * local_crops
+    return MultiViews([pil_view(s, dataset, **v) for s, v in zip(sizes, settings)])
 
 
 def eval_resize(size):
@@ -353,7 +361,7 @@ def normalize(img, mean, std):
 
 
 class BatchView:
-    """One view's pipeline for a batch, as carl_view / carp_view: parameters() turns each sample's
+    """One view's pipeline for a batch, as pil_view: parameters() turns each sample's
     uniforms into its random parameters, apply() makes the views from them; sample() draws and turns."""
 
     def __init__(self, size, dataset, *, scale, jitter, jitter_p, gray_p, blur_p, solarize_p):
@@ -405,22 +413,22 @@ class BatchView:
         return self.apply(img, self.sample(img.shape[0], img.shape[2], img.shape[3], g))
 
 
-class BatchTwoViews:
-    """(x, g) -> (view_a, view_b): x (B, 3, H, W) uint8 on the device, g a torch.Generator on that
-    device; each view (B, 3, size, size) float32, normalised. One draw of random numbers per call;
+class BatchViews:
+    """(x, g) -> [view 1, view 2, ...]: x (B, 3, H, W) uint8 on the device, g a torch.Generator on that
+    device; each view (B, 3, its size, its size) float32, normalised, every view cut from the same
+    stored images. One draw of random numbers per call (one row of uniforms per view and image);
     everything after it is make(), a pure function of (x, uniforms), which compile() hands to
     torch.compile."""
 
-    def __init__(self, first, second):
-        self.first, self.second = first, second
+    def __init__(self, views):
+        self.views = views  # BatchView per view
         self.make_views = self.make
 
     def make(self, x, u):
-        """x (B, 3, H, W) uint8, u (2, B, UNIFORMS) -> (view_a, view_b)."""
+        """x (B, 3, H, W) uint8, u (V, B, UNIFORMS) -> V views."""
         img = to_float(x)
         H, W = img.shape[-2:]
-        return (self.first.apply(img, self.first.parameters(u[0], H, W)),
-                self.second.apply(img, self.second.parameters(u[1], H, W)))
+        return [view.apply(img, view.parameters(u_v, H, W)) for view, u_v in zip(self.views, u)]
 
     def compile(self):
         """Fuse make() into a few kernels (fixed shapes: every training batch has the same)."""
@@ -428,14 +436,12 @@ class BatchTwoViews:
         return self
 
     def __call__(self, x, g):
-        return self.make_views(x, draw_uniforms(x.shape[0], g, views=2))
+        return self.make_views(x, draw_uniforms(x.shape[0], g, views=len(self.views)))
 
 
 def batch_view(kind, view, size, dataset):
-    """The BatchView of view 0 or 1 of kind "carl" or "carp" (settings from VIEWS)."""
-    v = VIEWS[kind]
-    return BatchView(size, dataset, scale=v["scale"], jitter=v["jitter"], jitter_p=v["jitter_p"],
-                     gray_p=v["gray_p"], blur_p=v["blur_p"][view], solarize_p=v["solarize_p"][view])
+    """The BatchView of view 0 or 1 of kind "carl", "carp" or "neurips23" (settings from VIEWS)."""
+    return BatchView(size, dataset, **view_settings(kind)[view])
 
 
 def batch_train_view(size, dataset):
@@ -443,12 +449,11 @@ def batch_train_view(size, dataset):
     return BatchView(size, dataset, **TRAIN_VIEW)
 
 
-def batch_pretrain_views(kind, size, dataset):
-    """The batched pretrain_views: CARL's two views share one pipeline, CARP's are asymmetric."""
-    if kind == "carl":
-        view = batch_view(kind, 0, size, dataset)
-        return BatchTwoViews(view, view)
-    return BatchTwoViews(batch_view("carp", 0, size, dataset), batch_view("carp", 1, size, dataset))
+def batch_pretrain_views(kind, size, dataset, global_crops=2, local_crops=0, local_size=None, local_scale=None):
+    """The batched pretrain_views: the same views, made on the device from a batch of stored images."""
+    settings = view_settings(kind, global_crops, local_crops, local_scale)
+    sizes = [size] * global_crops + [local_size] * local_crops
+    return BatchViews([BatchView(s, dataset, **v) for s, v in zip(sizes, settings)])
 
 
 def eval_batch(x, size, dataset):

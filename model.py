@@ -1,18 +1,26 @@
-"""Networks: ResNet backbone (torchvision, optional CIFAR stem), projection head, assigners.
+"""Networks: ResNet backbone (torchvision, optional CIFAR stem), projection head, each method's last
+part; the EMA teacher and the queue that some methods keep.
 
-    image -> backbone -> (B, F) features -> projection head -> (B, 128) z -> assigner -> (B, K) logits
+    view -> backbone -> (B, F) features -> projection head -> (B, D) embedding z -> last part -> (B, K or D)
 
-The backbone is a plain torchvision ResNet with `fc` replaced by Identity, so its state_dict
-loads into `torchvision.models.resnet18()` (after the same stem change) with only `fc` missing.
+The last part (`Model.out`) is the method's: CARL's prototypes (one bias-free linear layer), CARP's
+assigner (an MLP with BatchNorm whose last layer holds the prototypes), BYOL's predictor, SwAV's
+prototypes over the L2-normalised z, nothing for SimCLR and MoCo v2. The backbone is a plain
+torchvision ResNet with `fc` replaced by Identity, so its state_dict loads into
+`torchvision.models.resnet18()` (after the same stem change) with only `fc` missing.
 """
+import copy
 import os
 import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 ARCHS = ("resnet18", "resnet50")
+METHODS = ("carl", "carp", "simclr", "byol", "swav", "mocov2")
+HEADS = ("thesis", "neurips23")
 EMBED_DIM = 128
 CIFAR_STEM_MAX_PX = 64  # images up to this size get the CIFAR stem unless told otherwise
 
@@ -34,46 +42,164 @@ def build_backbone(arch, cifar_stem):
     return net, feat_dim
 
 
-def mlp(in_dim, hidden, out_dim, hidden_layers):
-    """`hidden_layers` x (Linear-BN-ReLU), then a plain Linear to out_dim."""
+def mlp(in_dim, hidden, out_dim, hidden_layers, act=nn.ReLU):
+    """`hidden_layers` x (Linear-BN-activation), then a plain Linear to out_dim."""
     layers, d = [], in_dim
     for _ in range(hidden_layers):
-        layers += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), act()]
         d = hidden
     layers.append(nn.Linear(d, out_dim))
     return nn.Sequential(*layers)
 
 
-class AssignmentModel(nn.Module):
-    """Backbone + projection head + assigner. CARL: the assigner is one bias-free Linear(128, K) whose
-    weight rows are the K prototypes. CARP: a 2-layer MLP with BatchNorm (hidden as wide as
-    the projection head) whose last layer holds the prototypes."""
+def projection_head(kind, feat_dim):
+    """(head, embedding width). thesis (5.8.2, the same for every method): 2 hidden layers as wide as the
+    features, BatchNorm, ReLU, 128-d out. neurips23 (the published CARP head): 3 layers, 2048 hidden,
+    BatchNorm, GELU, to a 256-d bottleneck."""
+    if kind == "thesis":
+        return mlp(feat_dim, feat_dim, EMBED_DIM, hidden_layers=2), EMBED_DIM
+    if kind == "neurips23":
+        return mlp(feat_dim, 2048, 256, hidden_layers=2, act=nn.GELU), 256
+    raise ValueError(f"unknown --head {kind!r}; choose one of {', '.join(HEADS)}")
 
-    def __init__(self, method, arch="resnet18", cifar_stem=True, num_prototypes=100, proto_init_gain=1.0):
+
+class UnitPrototypes(nn.Module):
+    """K prototypes used at unit length: logits <z, c_j / ||c_j||>. The published CARP's last layer: a
+    weight-normalised linear layer whose norm is fixed at 1, which is this."""
+
+    def __init__(self, dim, num_prototypes):
         super().__init__()
-        self.backbone, feat_dim = build_backbone(arch, cifar_stem)
-        hidden = feat_dim  # 512 for resnet18, 2048 for resnet50 (thesis 5.8.2 and 6.5.2)
-        self.head = mlp(feat_dim, hidden, EMBED_DIM, hidden_layers=2)
-        if method == "carl":  # thesis eq. 5.2: q_j = <z, c_j>, no bias (a bias could balance assignments by itself)
-            self.assigner = nn.Linear(EMBED_DIM, num_prototypes, bias=False)
-        elif method == "carp":
-            self.assigner = mlp(EMBED_DIM, hidden, num_prototypes, hidden_layers=1)
-        else:
-            raise ValueError(f"unknown --method {method!r}; choose carl or carp")
-        # Prototypes (the assigner's last layer) start at PyTorch's default init times a gain.
-        # With gain 1 the initial logits have a std of ~0.2: assignments start uniform and the
-        # loss's gradient reaching the backbone is ~30x weaker than SimCLR's (it grows with the
-        # square of the logit scale), which only a long schedule outgrows. Gain 5 (CARL)
-        # or 3 (CARP) starts the logits at std ~1 (RESULTS.md, "What was found").
-        prototypes = self.assigner if method == "carl" else self.assigner[-1]
-        with torch.no_grad():
-            prototypes.weight.mul_(proto_init_gain)
-            if prototypes.bias is not None:  # CARP's assigner is an MLP: its last layer keeps its bias
-                prototypes.bias.mul_(proto_init_gain)
+        self.weight = nn.Parameter(nn.Linear(dim, num_prototypes, bias=False).weight.detach())  # (K, D)
 
-    def forward(self, x):
-        z = self.head(self.backbone(x))  # (B, 128)
-        return self.assigner(z)  # (B, K) logits
+    def forward(self, z):
+        return z @ F.normalize(self.weight, dim=1).T  # (B, K)
+
+
+class Model(nn.Module):
+    """Backbone + projection head + the method's last part (`out`, see the module docstring).
+
+    forward(views) takes a list of view batches, each (B, 3, S, S) (sizes may differ between views:
+    multi-crop), runs each run of equal-sized views as one batch, and returns (embeddings, outputs):
+    one (B, D) z and one (B, K or D) output per view."""
+
+    def __init__(self, method, arch="resnet18", cifar_stem=True, num_prototypes=100, proto_init_gain=1.0,
+                 head="thesis", prototypes="linear"):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+        self.backbone, feat_dim = build_backbone(arch, cifar_stem)
+        self.head, dim = projection_head(head, feat_dim)
+        self.normalize = method == "swav"  # SwAV's prototypes score the L2-normalised embedding
+
+        def prototype_layer(d):  # (B, d) -> (B, K)
+            if prototypes == "unit":
+                return UnitPrototypes(d, num_prototypes)
+            return nn.Linear(d, num_prototypes, bias=method == "carp")  # CARL, eq. 5.2: q_j = <z, c_j>, no bias
+
+        self.prototypes_at = None  # the name of the layer whose rows are the prototypes, if any
+        if method in ("carl", "swav") or method == "carp" and head == "neurips23":  # the published head ends in them
+            self.out, self.prototypes_at = prototype_layer(dim), "out"
+        elif method == "carp":  # thesis 6.5.2: an MLP as wide as the projection head, its last layer the prototypes
+            self.out = nn.Sequential(nn.Linear(dim, feat_dim, bias=False), nn.BatchNorm1d(feat_dim), nn.ReLU(),
+                                     prototype_layer(feat_dim))
+            self.prototypes_at = "out.3"
+        elif method == "byol":  # thesis 5.8.5: the predictor has the projection head's shape
+            self.out = mlp(dim, feat_dim, dim, hidden_layers=2)
+        else:  # simclr, mocov2: the loss takes z itself
+            self.out = nn.Identity()
+        # Prototypes start at PyTorch's default init times a gain. With gain 1 the initial logits have a
+        # std of ~0.2: assignments start uniform and the loss's gradient reaching the backbone is ~30x
+        # weaker than SimCLR's (RESULTS.md, "What was found"); 5 (CARL) or 3 (CARP) starts them at ~1.
+        if self.prototypes is not None:
+            with torch.no_grad():
+                self.prototypes.weight.mul_(proto_init_gain)
+                if getattr(self.prototypes, "bias", None) is not None:
+                    self.prototypes.bias.mul_(proto_init_gain)
+                if method == "swav":  # SwAV's prototypes live on the unit sphere (train.py keeps them there)
+                    self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    @property
+    def prototypes(self):
+        return self.get_submodule(self.prototypes_at) if self.prototypes_at else None
+
+    def forward(self, views):
+        embeddings, outputs, i = [], [], 0
+        while i < len(views):
+            j = i + 1
+            while j < len(views) and views[j].shape[-1] == views[i].shape[-1]:
+                j += 1
+            z = self.head(self.backbone(torch.cat(views[i:j])))  # ((j - i) B, D)
+            if self.normalize:
+                z = F.normalize(z, dim=1)
+            embeddings += z.chunk(j - i)
+            outputs += self.out(z).chunk(j - i)
+            i = j
+        return embeddings, outputs
+
+
+class EMATeacher:
+    """A copy of the student whose weights follow an exponential moving average of the student's:
+    teacher = m * teacher + (1 - m) * student after every step (BYOL's target network, MoCo's key
+    encoder, the published CARP's teacher). No gradient reaches it; its BatchNorm layers normalise with
+    the batch's statistics, as the student's do.
+
+    bn_group (MoCo v2): the batch goes through in a random order, in groups of bn_group samples each
+    normalised with its own statistics, so a key never shares BatchNorm statistics with the batch its
+    query was normalised in (MoCo's shuffled BN, done as its authors' one-GPU CIFAR demo does it)."""
+
+    def __init__(self, student, bn_group=None):
+        self.net = copy.deepcopy(student).requires_grad_(False)
+        self.run, self.bn_group = self.net, bn_group
+
+    def compile(self):
+        self.run = torch.compile(self.net)
+        return self
+
+    @torch.no_grad()
+    def update(self, student, momentum):
+        torch._foreach_lerp_(list(self.net.parameters()), [p.detach() for p in student.parameters()], 1 - momentum)
+
+    @torch.no_grad()
+    def __call__(self, views, seed=0):
+        """views -> (embeddings, outputs) as Model.forward; `seed` draws the bn_group order."""
+        batch = views[0].shape[0]
+        if not self.bn_group or batch <= self.bn_group:
+            return self.run(views)
+        order = torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).to(views[0].device)  # (B,)
+        parts = [self.run([v[idx] for v in views]) for idx in order.split(self.bn_group)]
+        undo = order.argsort()  # (B,)
+        return tuple([torch.cat([part[k][v] for part in parts])[undo] for v in range(len(views))] for k in (0, 1))
+
+
+class Queue:
+    """The last `size` rows pushed (keys, embeddings), the oldest overwritten first: MoCo's negatives
+    (filled with random unit keys at the start, as MoCo does), SwAV's bank (empty at the start, used
+    once full). `size` must be a multiple of the rows pushed per step (train.py checks)."""
+
+    def __init__(self, size, dim, device, random_fill_seed=None):
+        if random_fill_seed is None:
+            self.rows, self.filled = torch.zeros(size, dim, device=device), 0
+        else:
+            g = torch.Generator().manual_seed(random_fill_seed)
+            self.rows, self.filled = F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device), size
+        self.ptr = 0
+
+    @property
+    def full(self):
+        return self.filled == len(self.rows)
+
+    @torch.no_grad()
+    def push(self, rows):
+        self.rows[self.ptr:self.ptr + len(rows)] = rows.float()
+        self.ptr = (self.ptr + len(rows)) % len(self.rows)
+        self.filled = min(self.filled + len(rows), len(self.rows))
+
+    def state_dict(self):
+        return {"rows": self.rows, "ptr": self.ptr, "filled": self.filled}
+
+    def load_state_dict(self, state):
+        self.rows.copy_(state["rows"])
+        self.ptr, self.filled = state["ptr"], state["filled"]
 
 
 def load_backbone_state(ckpt_state):
@@ -100,7 +226,7 @@ def load_checkpoint(path, keys=("model", "args")):
 
 
 if __name__ == "__main__":  # quick shape check: python model.py
-    for arch, px, stem in (("resnet18", 32, True), ("resnet50", 224, False)):
-        m = AssignmentModel("carp", arch, stem, 3000).to(memory_format=torch.channels_last)
-        out = m(torch.randn(4, 3, px, px).to(memory_format=torch.channels_last))
-        print(arch, px, tuple(out.shape))
+    for method in METHODS:
+        m = Model(method, "resnet18", True, 300).to(memory_format=torch.channels_last)
+        z, out = m([torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)] * 2)
+        print(method, tuple(z[0].shape), tuple(out[0].shape))

@@ -1,17 +1,20 @@
-"""Pretrain CARL or CARP.
+"""Pretrain a backbone with CARL, CARP, or one of the thesis's baselines (SimCLR, BYOL, SwAV, MoCo v2).
 
     python train.py                                   # CARL on the built-in synthetic dataset, CPU ok
     python train.py --method carp --dataset cifar10 --data-dir data --download
+    python train.py --method carp --recipe neurips23 --dataset cifar10 --data-dir data   # the published CARP
     torchrun --nproc_per_node=4 train.py --method carp --dataset imagefolder --data-dir /imagenet
 
 Writes <out-dir>/log.jsonl (one JSON line per log step and per kNN evaluation), and
-<out-dir>/run.pt (everything needed to continue) with <out-dir>/backbone.pt (a plain torchvision
-ResNet state_dict without `fc`) every --ckpt-every-epochs epochs, every --ckpt-every-min minutes, at
-the end and when stopped by SIGTERM/SIGUSR1. The same command run again continues from
-<out-dir>/run.pt at the next step.
-Flags left unset take the thesis settings for the method and dataset (DEFAULTS below).
+<out-dir>/run.pt (everything needed to continue: model, EMA teacher, queue, optimizer) with
+<out-dir>/backbone.pt (a plain torchvision ResNet state_dict without `fc`: the online network's, or
+the teacher's with --export-teacher) every --ckpt-every-epochs epochs, every --ckpt-every-min
+minutes, at the end and when stopped by SIGTERM/SIGUSR1. The same command run again continues from
+<out-dir>/run.pt at the next step. Flags left unset take the thesis settings for the method and
+dataset (METHODS and DATASET_DEFAULTS below; --recipe on top of them).
 """
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 import augment
 import data
@@ -31,51 +35,146 @@ import lars
 import losses
 import model as models
 
-# Thesis settings. CARL (5.6-5.8): SGD + LARS (SwAV's LARC) 0.6 -> 0.0006, wd 5e-4, K=100 CIFAR-10,
-# 300 CIFAR-100 and STL-10, 3000 ImageNet; lambda 4 -> 1.5 over 100 epochs (5.6.2), 2 -> 1 on
-# STL-10 (5.6.1). CARP (6.5.4): LARS 5.4 -> 0.00054, wd 1e-6, K=3000 in blocks of 250, lambda
-# 2 -> 0.15 over 30 epochs. Both: 200 epochs, batch 256 (5.8, 6.5.4), no warm-up (6.5.4).
-# CARL's optimizer: the thesis names SGD with LARS and SwAV's recipe (LARC, trust coefficient
-# 0.001, every parameter trust-scaled); plain SGD at 0.6 with no warm-up collapsed to one
-# prototype within 90 steps on CIFAR-10 (RESULTS.md, "CARL a") and LARC did not in 100 steps at
-# batch 256, so "larc" is the default.
-# `synthetic` is ours: the quickstart, under 3 minutes of training on a slow laptop CPU (RESULTS.md):
+
+# ---------------------------------------------------------------- the methods
+
+def assignment_loss(student, teacher, run, now, step):
+    """CARL (one block of all K) and CARP (a random partition, new every step) on the outputs' logits."""
+    a = run.args
+    if a.block_size is None:
+        partition = torch.arange(a.num_prototypes).view(1, -1)  # (1, K)
+    else:
+        partition = losses.random_partition(a.num_prototypes, a.block_size, a.seed, step)  # (N_P, N_B)
+    if student[1][0].is_cuda:  # pinned, so that copying it to the GPU does not wait for the GPU
+        partition = partition.pin_memory()
+    partition = partition.to(student[1][0].device, non_blocking=True)
+    loss, stats = losses.assignment_loss(student[1], teacher and teacher[1], now["lam"], partition,
+                                         a.global_crops, pooled=a.kl == "pooled")
+    return loss, stats, None
+
+
+def simclr_loss(student, teacher, run, now, step):
+    return (*losses.nt_xent(*student[1], run.args.temperature), None)
+
+
+def byol_loss(student, teacher, run, now, step):  # online predictions against the target's projections
+    return (*losses.byol_loss(*student[1], *teacher[0]), None)
+
+
+def swav_loss(student, teacher, run, now, step):  # the queue holds past global crops' embeddings
+    bank = run.queue.rows @ run.model.prototypes.weight.detach().T if run.queue and run.queue.full else None
+    loss, stats = losses.swav_loss(student[1], run.args.temperature, run.args.global_crops, bank)  # bank (Q, K)
+    push = torch.cat(student[0][:run.args.global_crops]).detach() if run.queue else None  # (G B, D)
+    return loss, stats, push
+
+
+def mocov2_loss(student, teacher, run, now, step):  # queries against the key encoder's keys and the queue
+    loss, stats = losses.moco_loss(*student[1], *teacher[0], run.queue.rows, run.args.temperature)
+    return loss, stats, F.normalize(torch.cat(teacher[0]).float(), dim=1)  # (2B, D) keys for the queue
+
+
+def swav_freeze_prototypes(model, step, steps_per_epoch):  # SwAV: the prototypes learn from the 2nd epoch on
+    if step < steps_per_epoch:
+        model.prototypes.weight.grad = None
+
+
+@torch.no_grad()
+def swav_normalize_prototypes(model):  # SwAV: the prototypes back on the unit sphere after every step
+    model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
+
+
+# loss(student, teacher, run, now, step) -> (loss, stats, rows to push to the queue or None), with student and
+# teacher the networks' (embeddings, outputs) per view; teacher: None (the method has none), "optional"
+# (--teacher none|ema) or "ema"; multiview: takes more than two crops; teacher_bn_group: EMATeacher's; the
+# hooks run after backward and after the optimizer step.
+Method = collections.namedtuple("Method", "defaults loss teacher multiview teacher_bn_group after_backward after_step",
+                                defaults=(None, False, None, None, None))
+# Thesis settings (sources pinned in tests/test_train.py::THESIS). All: 200 epochs, batch 256, cosine lr
+# without warm-up (5.8), ResNet-18 + the same projection head (5.8.2). CARL (5.6-5.8): SGD + LARS (SwAV's
+# LARC) 0.6 -> 0.0006, wd 5e-4, K = 100 on CIFAR-10; lambda 4 -> 1.5 over 100 epochs. CARP (6.5.4): LARS
+# 5.4 -> 0.00054, wd 1e-6, K = 3000 in blocks of 250, lambda 2 -> 0.15 over 30 epochs. SimCLR and BYOL
+# (5.8.5): SGD without LARS at 0.03, SimCLR's temperature 0.2. SwAV (5.8.5: K as CARL's, else its
+# repository's batch-256 recipe): LARC 0.6 -> 0.0006, wd 1e-6, T 0.1, prototypes frozen for the first
+# epoch. MoCo v2 (its paper, and its authors' CIFAR-10 demo): SGD 0.03, T 0.2, a queue of 4096, key
+# encoder momentum 0.99. Weight decay 5e-4 for the SGD baselines (the thesis's CIFAR value, 5.8.4; the
+# papers' 1e-6 goes with LARS). CARL's optimizer: plain SGD at 0.6 with no warm-up collapsed to one
+# prototype within 90 steps on CIFAR-10 (RESULTS.md, "CARL a"), LARC did not.
+# Where the issue that added a baseline and the thesis differ, the issue is followed: BYOL's target momentum
+# 0.99 -> 1 (the paper's 0.996 is ImageNet's), MoCo's temperature 0.2 (the CIFAR demo uses 0.1).
+BASELINE = dict(epochs=200, batch_size=256, final_lr_ratio=1e-3, global_crops=2, local_crops=0, head="thesis",
+                knn_every=0)
+CLUSTER = dict(BASELINE, proto_init_gain=1.0, local_size=None, local_scale=None)  # multi-crop, prototypes
+ASSIGNMENT = dict(CLUSTER, teacher="none", teacher_momentum=0.99, teacher_momentum_end=1.0, kl="per-view",
+                  prototypes="linear")
+METHODS = {
+    "carl": Method(dict(ASSIGNMENT, optimizer="larc", lr=0.6, weight_decay=5e-4, num_prototypes=100, lam_start=4.0, lam_end=1.5, lam_epochs=100, views="carl"), assignment_loss, "optional", True),
+    "carp": Method(dict(ASSIGNMENT, optimizer="lars", lr=5.4, final_lr_ratio=1e-4, weight_decay=1e-6, num_prototypes=3000,
+                        block_size=250, lam_start=2.0, lam_end=0.15, lam_epochs=30, views="carp"),
+                   assignment_loss, "optional", True),
+    "simclr": Method(dict(BASELINE, optimizer="sgd", lr=0.03, weight_decay=5e-4, temperature=0.2, views="carl"),
+                     simclr_loss),
+    "byol": Method(dict(BASELINE, optimizer="sgd", lr=0.03, weight_decay=5e-4, teacher="ema", teacher_momentum=0.99,
+                        teacher_momentum_end=1.0, views="carp"), byol_loss, "ema"),
+    "swav": Method(dict(CLUSTER, optimizer="larc", lr=0.6, weight_decay=1e-6, num_prototypes=100, temperature=0.1,
+                        queue_size=0, views="carl"), swav_loss, None, True,
+                   after_backward=swav_freeze_prototypes, after_step=swav_normalize_prototypes),
+    "mocov2": Method(dict(BASELINE, optimizer="sgd", lr=0.03, weight_decay=5e-4, temperature=0.2, queue_size=4096,
+                          teacher="ema", teacher_momentum=0.99, teacher_momentum_end=0.99, views="carl"),
+                     mocov2_loss, "ema", teacher_bn_group=32),
+}
+# `synthetic` is ours: the quickstart, under 2 minutes of training on a slow laptop CPU (RESULTS.md):
 # 20 px images, 2 epochs (62 steps of 64), LARS at 9.6 per 256 with wd 1e-6 for CARL too, prototypes
 # started larger (gain) so the first steps carry a gradient, lambda starting near 1 (the thesis's 4 / 2
-# sent the assignments straight to uniform).
-DEFAULTS = {
-    "carl": dict(optimizer="larc", lr=0.6, final_lr_ratio=1e-3, weight_decay=5e-4, epochs=200, batch_size=256,
-                 num_prototypes=100, block_size=None, lam_start=4.0, lam_end=1.5, lam_epochs=100,
-                 proto_init_gain=1.0, views="carl", knn_every=0),
-    "carp": dict(optimizer="lars", lr=5.4, final_lr_ratio=1e-4, weight_decay=1e-6, epochs=200, batch_size=256,
-                 num_prototypes=3000, block_size=250, lam_start=2.0, lam_end=0.15, lam_epochs=30,
-                 proto_init_gain=1.0, views="carp", knn_every=0),
-}
+# sent the assignments straight to uniform). "*": every method.
 DATASET_DEFAULTS = {
     ("carl", "cifar100"): dict(num_prototypes=300),
     ("carl", "stl10"): dict(num_prototypes=300, lam_start=2.0, lam_end=1.0),
     ("carl", "imagefolder"): dict(num_prototypes=3000),
-    ("carl", "synthetic"): dict(epochs=2, batch_size=64, optimizer="lars", lr=9.6, weight_decay=1e-6,
-                                proto_init_gain=5.0, lam_start=1.5, lam_end=1.0, lam_epochs=2, knn_every=1),
-    ("carp", "synthetic"): dict(epochs=5, batch_size=64, num_prototypes=500, block_size=50,
-                                proto_init_gain=3.0, lam_start=0.75, lam_end=0.5, lam_epochs=5, knn_every=1),
+    ("swav", "cifar100"): dict(num_prototypes=300),
+    ("swav", "stl10"): dict(num_prototypes=300),
+    ("swav", "imagefolder"): dict(num_prototypes=3000),
+    ("*", "synthetic"): dict(epochs=2, batch_size=64, knn_every=1),
+    ("carl", "synthetic"): dict(optimizer="lars", lr=9.6, weight_decay=1e-6, proto_init_gain=5.0, lam_start=1.5,
+                                lam_end=1.0, lam_epochs=2),
+    ("carp", "synthetic"): dict(epochs=5, num_prototypes=500, block_size=50, proto_init_gain=3.0, lam_start=0.75,
+                                lam_end=0.5, lam_epochs=5),
+}
+# --recipe neurips23: the published CARP (Silva & Rivera, NeurIPS 2023; its code, github sthalles/carp), for
+# CARL and CARP: EMA teacher 0.99 -> 1, 2 global + 6 local crops, the consistency over every (student view,
+# teacher global view) pair, one KL pooled over every view, weight 1 on both (lambda 1, no decay), a 3-layer
+# GELU head to 256-d and unit-norm prototypes, LARS 0.45 x batch / 256 cosine to 0.0048 (the ratio at batch
+# 256), wd 1e-6, no warm-up. Local crops: 96 px at 224 (the paper's); on small images half the global crop
+# (16 px at 32: ImageNet's ratio 0.43 would give 14 px; 16 keeps layer4's map at 2x2 with the CIFAR stem).
+# ImageNet-sized trees take its 65,536 prototypes in blocks of 512; other datasets keep the method's K.
+RECIPES = {
+    "thesis": {},
+    "neurips23": dict(teacher="ema", teacher_momentum=0.99, teacher_momentum_end=1.0, local_crops=6,
+                      local_scale=(0.05, 0.2), kl="pooled", lam_start=1.0, lam_end=1.0, lam_epochs=0,
+                      head="neurips23", prototypes="unit", views="neurips23", optimizer="lars", lr=0.45,
+                      final_lr_ratio=0.0048 / 0.45, weight_decay=1e-6, proto_init_gain=1.0),
 }
 # Under "lars", biases and BatchNorm parameters skip the trust ratio (BYOL, Barlow Twins), so they
 # take plain SGD steps. At LARS learning rates (4.8-5.4 per 256) those steps are far too large: on
 # CIFAR-10 at batch 64, CARL (prototype gain 5) fell onto 2 of 100 prototypes within 20 steps with
 # them, and did not with this scale. Barlow Twins gives them 0.0048 / 0.2 = 0.024 of the weights' lr.
 LARS_EXCLUDED_LR_SCALE = 0.024
+COMMON_KEYS = ("epochs", "batch_size", "optimizer", "lr", "final_lr_ratio", "weight_decay", "views", "knn_every",
+               "global_crops", "local_crops", "head")
+# flags only some methods take: given to another, they are refused
+METHOD_KEYS = sorted({k for m in METHODS.values() for k in m.defaults} - set(COMMON_KEYS))
 # A run continues from its run.pt only with these unchanged: each changes what the run computes.
-SAME_RUN_KEYS = ("method", "dataset", "train_subset", "arch", "cifar_stem", "image_size", "epochs", "batch_size",
-                 "optimizer", "lr", "final_lr_ratio", "weight_decay", "warmup_epochs", "num_prototypes",
-                 "proto_init_gain", "block_size", "lam_start", "lam_end", "lam_epochs", "views", "loader",
-                 "sync_bn", "seed")
+SAME_RUN_KEYS = ("method", "recipe", "dataset", "train_subset", "arch", "cifar_stem", "image_size", "epochs",
+                 "batch_size", "optimizer", "lr", "final_lr_ratio", "weight_decay", "warmup_epochs", "num_prototypes",
+                 "proto_init_gain", "block_size", "lam_start", "lam_end", "lam_epochs", "temperature", "queue_size",
+                 "teacher", "teacher_momentum", "teacher_momentum_end", "kl", "prototypes", "head", "views",
+                 "global_crops", "local_crops", "local_size", "local_scale", "loader", "sync_bn", "seed")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption; SLURM's --signal=USR1@secs before a time limit
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="carl", help="carl or carp")
+    p.add_argument("--method", default="carl", help=", ".join(METHODS))
+    p.add_argument("--recipe", default="thesis", help="thesis, or neurips23 (CARL/CARP: the published CARP recipe)")
     p.add_argument("--dataset", default="synthetic", help=", ".join(data.DATASETS))
     p.add_argument("--data-dir", default="data", help="where the dataset lies (or is downloaded to)")
     p.add_argument("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10")
@@ -85,7 +184,7 @@ def parse_args(argv=None):
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool (default: on for images <= 64 px)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="view size (default: 20 synthetic, 32 CIFAR, 96 STL-10, 224 else)")
+                   help="global view size (default: 20 synthetic, 32 CIFAR, 96 STL-10, 224 else)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--until-epoch", type=int, default=None,
                    help="stop after this epoch (schedules still span --epochs); the same command continues")
@@ -95,15 +194,35 @@ def parse_args(argv=None):
     p.add_argument("--final-lr-ratio", type=float, default=None, help="the cosine ends at lr times this")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up before the cosine decay")
-    p.add_argument("--num-prototypes", type=int, default=None, help="K")
+    p.add_argument("--num-prototypes", type=int, default=None, help="K (CARL, CARP, SwAV)")
     p.add_argument("--proto-init-gain", type=float, default=None,
                    help="scale of the prototypes' initial weights (thesis: 1, PyTorch's default init)")
+    p.add_argument("--prototypes", default=None, choices=["linear", "unit"],
+                   help="CARL/CARP: a linear layer (the thesis) or unit-norm prototypes (the published CARP)")
+    p.add_argument("--head", default=None, choices=models.HEADS,
+                   help="CARL/CARP projection head: thesis (2 x 512, ReLU, 128-d) or neurips23 (3 x 2048, GELU, 256-d)")
     p.add_argument("--block-size", type=int, default=None, help="CARP: prototypes per partition block N_B")
     p.add_argument("--lam-start", type=float, default=None, help="KL weight at epoch 0 (b in thesis eq. 5.8)")
     p.add_argument("--lam-end", type=float, default=None, help="KL weight after --lam-epochs (a)")
     p.add_argument("--lam-epochs", type=float, default=None, help="epochs of linear decay (E)")
-    p.add_argument("--views", default=None, choices=["carl", "carp"],
-                   help="view pipeline: carl (SimCLR-style) or carp (BYOL-style, asymmetric); default: the method's")
+    p.add_argument("--kl", default=None, choices=["per-view", "pooled"],
+                   help="CARL/CARP: the KL of each view's batch-mean assignment (thesis), or of all views pooled")
+    p.add_argument("--temperature", type=float, default=None, help="SimCLR, SwAV, MoCo v2")
+    p.add_argument("--queue-size", type=int, default=None,
+                   help="MoCo v2's negatives, SwAV's Sinkhorn bank (0: none): a multiple of the rows a step adds")
+    p.add_argument("--teacher", default=None, choices=["none", "ema"],
+                   help="CARL/CARP: targets from an EMA teacher of the student (BYOL and MoCo v2 always have one)")
+    p.add_argument("--teacher-momentum", type=float, default=None, help="EMA momentum at the first step")
+    p.add_argument("--teacher-momentum-end", type=float, default=None,
+                   help="... at the last (a per-step cosine between the two; equal: constant)")
+    p.add_argument("--export-teacher", action="store_true", help="backbone.pt holds the teacher's backbone")
+    p.add_argument("--views", default=None, choices=list(augment.VIEWS),
+                   help="view pipeline (augment.py); default: the method's")
+    p.add_argument("--global-crops", type=int, default=None, help="global crops per image (CARL, CARP, SwAV: >= 2)")
+    p.add_argument("--local-crops", type=int, default=None, help="multi-crop: small crops per image (CARL, CARP, SwAV)")
+    p.add_argument("--local-size", type=int, default=None, help="local crops' size (default: 96 at 224 px, else half)")
+    p.add_argument("--local-scale", type=float, nargs=2, default=None, metavar=("A", "B"),
+                   help="local crops' area range (default 0.05 0.2)")
     p.add_argument("--loader", default=None, choices=["device", "workers"],
                    help="device: the dataset decoded once into memory on the training device, views made there in "
                         "batches; workers: PIL views in DataLoader processes (default: workers for ImageFolder trees "
@@ -112,8 +231,8 @@ def parse_args(argv=None):
                    help="default: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else off")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model, and the device loader's views (default: on GPU only; the first "
-                        "step then takes about a minute)")
+                   help="torch.compile the model, the teacher and the device loader's views (default: on GPU only; "
+                        "the first step then takes about a minute)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes per rank (--loader workers)")
     p.add_argument("--out-dir", default="out")
@@ -137,49 +256,115 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def shown(value):
+    """A flag's value as it is typed: 0.0107, 0.05 0.2."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(shown(v) for v in value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def recipe_values(args):
+    """The values --recipe sets for this dataset and image size (RECIPES, plus its sizes)."""
+    values = dict(RECIPES[args.recipe])
+    if args.recipe == "neurips23":
+        values["local_size"] = 96 if args.image_size >= 224 else args.image_size // 2
+        if args.dataset == "imagefolder" and args.image_size >= 224:
+            values.update(num_prototypes=65536, **({"block_size": 512} if args.method == "carp" else {}))
+    return values
+
+
 def resolve(args):
-    """Fill unset flags from DEFAULTS and check flag combinations before any work."""
-    if args.method not in DEFAULTS:
-        fail(f"unknown --method {args.method!r}; choose carl or carp")
+    """Fill unset flags from the method's, the dataset's and the recipe's settings (in that order of
+    precedence, lowest first) and check flag combinations before any work."""
+    if args.method not in METHODS:
+        fail(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.dataset not in data.DATASETS:
         fail(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)}")
     if args.arch not in models.ARCHS:
         fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(models.ARCHS)}")
-    if args.method == "carl" and args.block_size is not None:
-        fail("--block-size is for --method carp (CARL assigns over all K prototypes at once)")
-    defaults = {**DEFAULTS[args.method], **DATASET_DEFAULTS.get((args.method, args.dataset), {})}
+    if args.recipe not in RECIPES:
+        fail(f"unknown --recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")
+    method = METHODS[args.method]
+    if args.recipe != "thesis" and method.loss is not assignment_loss:
+        fail(f"--recipe {args.recipe} is CARL and CARP's; --method {args.method} follows its own paper")
+    for key in METHOD_KEYS:
+        if key not in method.defaults and getattr(args, key) is not None:
+            fail(f"{flag(key)} is not used by --method {args.method}")
+    given = {k for k, v in vars(args).items() if v is not None}  # the flags set on the command line
+    args.image_size = args.image_size or data.IMAGE_SIZE[args.dataset]
+    args.recipe_values = recipe_values(args)
+    defaults = {**method.defaults, **DATASET_DEFAULTS.get(("*", args.dataset), {}),
+                **DATASET_DEFAULTS.get((args.method, args.dataset), {}), **args.recipe_values}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.image_size = args.image_size or data.IMAGE_SIZE[args.dataset]
     if args.cifar_stem is None:
         args.cifar_stem = args.image_size <= models.CIFAR_STEM_MAX_PX
     if args.loader is None:
         args.loader = data.default_loader(args.dataset, args.image_size)
     if args.optimizer not in ("larc", "lars", "sgd"):
         fail(f"unknown --optimizer {args.optimizer!r}; choose larc, lars or sgd")
-    if args.method == "carp" and args.num_prototypes % args.block_size:
+    if args.block_size is not None and args.num_prototypes % args.block_size:
         fail(f"--num-prototypes {args.num_prototypes} is not divisible by --block-size {args.block_size}")
     if args.until_epoch is not None and not 0 < args.until_epoch <= args.epochs:
         fail(f"--until-epoch {args.until_epoch} must lie in 1..--epochs {args.epochs}")
     for key in ("epochs", "batch_size", "num_prototypes", "image_size", "log_every", "proto_init_gain",
-                "final_lr_ratio", "ckpt_every_min", "ckpt_every_epochs"):
-        if getattr(args, key) <= 0:
-            fail(f"--{key.replace('_', '-')} must be positive")
-    if args.knn_every < 0:
-        fail("--knn-every must be 0 (off) or positive")
+                "final_lr_ratio", "ckpt_every_min", "ckpt_every_epochs", "temperature", "local_size"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            fail(f"{flag(key)} must be positive")
+    for key in ("knn_every", "local_crops", "queue_size"):
+        if getattr(args, key) is not None and getattr(args, key) < 0:
+            fail(f"{flag(key)} must be 0 (off) or positive")
     for key in ("train_subset", "knn_train_subset", "knn_test_subset"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
-            fail(f"--{key.replace('_', '-')} must be positive")
+            fail(f"{flag(key)} must be positive")
+    resolve_views_and_teacher(args, method, given)
     return args
+
+
+def resolve_views_and_teacher(args, method, given):
+    """The crops, the teacher and the queue: what each method can take."""
+    if not method.multiview and (args.global_crops != 2 or args.local_crops):
+        fail(f"--method {args.method}'s loss takes two views: --global-crops 2 and no --local-crops")
+    if args.global_crops < 2:
+        fail("--global-crops must be 2 or more: each global crop is the target of another view")
+    if args.local_crops:
+        args.local_size = args.local_size or (96 if args.image_size >= 224 else args.image_size // 2)
+        args.local_scale = tuple(args.local_scale or (0.05, 0.2))
+        if not 0 < args.local_scale[0] < args.local_scale[1] <= 1:
+            fail(f"--local-scale {args.local_scale[0]:g} {args.local_scale[1]:g} must satisfy 0 < A < B <= 1")
+    elif args.local_size is not None or args.local_scale is not None:
+        fail("--local-size and --local-scale shape local crops: give --local-crops N too")
+    if method.teacher == "ema" and args.teacher != "ema":
+        fail(f"--method {args.method} needs its EMA teacher (--teacher ema)")
+    if args.teacher == "none" and given & {"teacher_momentum", "teacher_momentum_end"}:
+        fail("--teacher-momentum and --teacher-momentum-end are for the EMA teacher: give --teacher ema too")
+    if args.teacher == "ema":
+        for key in ("teacher_momentum", "teacher_momentum_end"):
+            if not 0 <= getattr(args, key) <= 1:
+                fail(f"{flag(key)} must lie in [0, 1]")
+    if args.prototypes == "unit" and args.proto_init_gain != 1:
+        fail("--proto-init-gain does not change unit-norm prototypes (--prototypes unit)")
+    if args.queue_size:
+        per_step = args.global_crops * args.batch_size  # rows a step adds: every global crop of the global batch
+        if args.queue_size % per_step:
+            fail(f"--queue-size {args.queue_size} is not a multiple of the {per_step} rows each step adds "
+                 f"({args.global_crops} views x --batch-size {args.batch_size})")
+    elif args.method == "mocov2":
+        fail("--method mocov2 takes its negatives from a queue: --queue-size must be positive")
 
 
 def check_same_run(saved, args, path):
     """One clear line naming the first flag that differs from the run being continued."""
     for key in SAME_RUN_KEYS:
-        if key in saved and saved[key] != getattr(args, key):
-            flag = "--" + key.replace("_", "-")
-            fail(f"{path} is a run with {flag} {saved[key]}, but this command has {flag} {getattr(args, key)}; "
+        value = getattr(args, key)
+        same = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)  # noqa: E731 (a tuple comes back a list)
+        if key in saved and same(saved[key]) != same(value):
+            fail(f"{path} is a run with {flag(key)} {saved[key]}, but this command has {flag(key)} {value}; "
                  f"use the run's flags to continue it, or another --out-dir")
 
 
@@ -196,6 +381,8 @@ def atomic_save(obj, path):
         kept = "the previous one is intact" if os.path.exists(path) else "there is no earlier one"
         fail(f"could not write {path} ({type(e).__name__}: {e}); {kept}")
 
+
+# ---------------------------------------------------------------- schedules: arrays indexed by step
 
 def lr_schedule(base_lr, final_lr, epochs, steps_per_epoch, warmup_epochs):
     """Per-step lr: linear warm-up from 0, then cosine from base_lr to final_lr (DINO's form: the
@@ -216,11 +403,52 @@ def lam_schedule(start, end, decay_epochs, epochs, steps_per_epoch):
     return np.where(e < decay_epochs, start - (start - end) * e / decay_epochs, end)
 
 
+def momentum_schedule(start, end, epochs, steps_per_epoch):
+    """Per-step EMA momentum: BYOL's cosine from start (step 0) to end (the last step)."""
+    total = epochs * steps_per_epoch
+    return end - (end - start) * (np.cos(np.pi * np.arange(total) / max(1, total - 1)) + 1) / 2  # (total,)
+
+
+def schedules(args, steps_per_epoch):
+    """The per-step values a run uses: lr always, lambda and the teacher's momentum where the method has them."""
+    lr = args.lr * args.batch_size / 256
+    out = {"lr": lr_schedule(lr, lr * args.final_lr_ratio, args.epochs, steps_per_epoch, args.warmup_epochs)}
+    if args.lam_start is not None:
+        out["lam"] = lam_schedule(args.lam_start, args.lam_end, args.lam_epochs, args.epochs, steps_per_epoch)
+    if args.teacher == "ema":
+        out["momentum"] = momentum_schedule(args.teacher_momentum, args.teacher_momentum_end, args.epochs,
+                                            steps_per_epoch)
+    return out
+
+
 def describe_schedules(args, lr):
     warm = f"{args.warmup_epochs:g}-epoch warm-up" if args.warmup_epochs else "no warm-up"
-    return (f"lr {lr:g} -> {lr * args.final_lr_ratio:g} (cosine, {warm}), "
-            f"lambda {args.lam_start:g} -> {args.lam_end:g} over {args.lam_epochs:g} epochs")
+    text = f"lr {lr:g} -> {lr * args.final_lr_ratio:g} (cosine, {warm})"
+    if args.lam_start is not None and args.lam_start == args.lam_end:
+        text += f", lambda {args.lam_start:g} (constant)"
+    elif args.lam_start is not None:
+        text += f", lambda {args.lam_start:g} -> {args.lam_end:g} over {args.lam_epochs:g} epochs"
+    if args.teacher == "ema":
+        text += f", EMA teacher momentum {args.teacher_momentum:g} -> {args.teacher_momentum_end:g}"
+    return text
 
+
+def describe_run(args, num_images, world, device, steps_per_epoch):
+    """The start-up line: data, batch, the method's own settings, views, speed."""
+    shown_elsewhere = ("lam_start", "lam_end", "lam_epochs", "teacher_momentum", "teacher_momentum_end", "local_size",
+                       "local_scale")
+    own = ", ".join(f"{flag(k)[2:]} {shown(getattr(args, k))}" for k in METHOD_KEYS
+                    if k in METHODS[args.method].defaults and getattr(args, k) is not None and k not in shown_elsewhere)
+    crops = f"{args.global_crops} x {args.image_size} px" + (
+        f" + {args.local_crops} x {args.local_size} px (scale {args.local_scale[0]:g}-{args.local_scale[1]:g})"
+        if args.local_crops else "")
+    return (f"{args.method} {args.arch} on {args.dataset}: {num_images} images, {world} process(es) on {device.type}, "
+            f"batch {args.batch_size}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, {own}, {args.optimizer} wd "
+            f"{args.weight_decay:g}, {args.views} views ({crops}), {args.loader} loader, amp {args.amp}"
+            + (", torch.compile (its first step takes about a minute)" if args.compile else ""))
+
+
+# ---------------------------------------------------------------- processes, devices, optimizer
 
 def setup_distributed():
     """(rank, world size, device, control group). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain
@@ -268,6 +496,50 @@ def resolve_speed_flags(args, device):
         args.compile = device.type == "cuda"
 
 
+def build_run(args, device, world, steps_per_epoch, ckpt=None):
+    """Everything a step needs, as one namespace: the model (and `net`, what runs it: DDP, compiled), the
+    EMA teacher, the queue, optimizer, grad scaler, autocast and the per-step schedules; from ckpt if given."""
+    torch.manual_seed(args.seed)
+    method = METHODS[args.method]
+    model = models.Model(args.method, args.arch, args.cifar_stem, args.num_prototypes, args.proto_init_gain,
+                         args.head, args.prototypes or "linear")
+    if args.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last)
+    teacher = models.EMATeacher(model, method.teacher_bn_group) if args.teacher == "ema" else None
+    queue = None
+    if args.queue_size:
+        dim = model.head[-1].out_features
+        queue = models.Queue(args.queue_size, dim, device, args.seed if args.method == "mocov2" else None)
+    sched = schedules(args, steps_per_epoch)
+    optimizer = build_optimizer(args, model, float(sched["lr"][0]))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:  # empty when the run started without fp16
+            scaler.load_state_dict(ckpt["scaler"])
+        if teacher is not None:
+            teacher.net.load_state_dict(ckpt["teacher"])
+        if queue is not None:
+            queue.load_state_dict(ckpt["queue"])
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    if args.compile:
+        net = torch.compile(net)
+        if teacher is not None:
+            teacher.compile()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
+                              enabled=args.amp != "off")
+    return argparse.Namespace(args=args, method=method, model=model, net=net, teacher=teacher, queue=queue,
+                              optimizer=optimizer, scaler=scaler, autocast=autocast, schedules=sched,
+                              steps_per_epoch=steps_per_epoch, rank=dist.get_rank() if world > 1 else 0)
+
+
+# ---------------------------------------------------------------- data
+
 def ignore_stop_signals(_worker_id=None):
     """DataLoader workers leave SIGTERM/SIGUSR1 to the main process, which stops them in order."""
     for s in STOP_SIGNALS:
@@ -288,10 +560,18 @@ def load_pretrain_data(args, device, max_bytes):
     return dataset, labels
 
 
+def view_pipeline(args, batched):
+    """The run's views (global crops, then local ones): batched on the device, or PIL."""
+    make = augment.batch_pretrain_views if batched else augment.pretrain_views
+    return make(args.views, args.image_size, args.dataset, args.global_crops, args.local_crops, args.local_size,
+                args.local_scale)
+
+
 def pretrain_batches(args, source, batches, rank, device):
-    """(view_a, view_b) on `device` for each step of `batches` (data.Batches), by either loader."""
+    """The views (a list of (local batch, 3, S, S) on `device`) of each step of `batches` (data.Batches),
+    by either loader."""
     if args.loader == "device":
-        views = augment.batch_pretrain_views(args.views, args.image_size, args.dataset)
+        views = view_pipeline(args, batched=True)
         if args.compile:  # fuses the views' few hundred small ops: on a GPU their launches cost more than the maths
             views.compile()
         g = torch.Generator(device=device)
@@ -303,34 +583,41 @@ def pretrain_batches(args, source, batches, rank, device):
             g.manual_seed(data.seed_of(args.seed, step, rank))  # the views depend on (seed, step, rank) only
             yield views(source[order[it]], g)
         return
-    views = augment.pretrain_views(args.views, args.image_size, args.dataset)
-    loader = torch.utils.data.DataLoader(data.SeededViews(source, views, args.seed), batch_sampler=batches,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         worker_init_fn=ignore_stop_signals)
+    loader = torch.utils.data.DataLoader(data.SeededViews(source, view_pipeline(args, batched=False), args.seed),
+                                         batch_sampler=batches, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     try:
-        for view_a, view_b in loader:
-            yield view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
+        for views in loader:
+            yield [v.to(device, non_blocking=True) for v in views]
     except data.BadImageError as e:  # raised in a worker, its message ends with ours; run.pt stays as it was
         fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1])
 
 
-def train_step(net, optimizer, scaler, autocast, view_a, view_b, args, lam, step):
-    """One optimisation step on a batch of view pairs; returns (loss, stats) as device tensors."""
-    x = torch.cat([view_a, view_b]).contiguous(memory_format=torch.channels_last)  # (2 * local batch, 3, S, S)
-    with autocast:
-        logits = net(x)  # (2 * local batch, K)
-    logits_a, logits_b = logits.chunk(2)  # (local batch, K) each
-    if args.method == "carl":
-        loss, stats = losses.carl_loss(logits_a, logits_b, lam)
-    else:
-        partition = losses.random_partition(args.num_prototypes, args.block_size, args.seed, step)  # (N_P, N_B)
-        if logits.is_cuda:  # pinned, so that copying it to the GPU does not wait for the GPU
-            partition = partition.pin_memory()
-        loss, stats = losses.carp_loss(logits_a, logits_b, lam, partition)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+# ---------------------------------------------------------------- one step
+
+def train_step(run, views, now, step):
+    """One optimisation step on a batch of views (global crops first); `now` holds this step's scheduled
+    values. Returns (loss, stats) as device tensors."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = now["lr"] * group["lr_scale"]
+    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    with run.autocast:
+        student = run.net(views)  # (embeddings, outputs): one (B, D) and one (B, K or D) per view
+        teacher = run.teacher(views[:run.args.global_crops], data.seed_of(run.args.seed, step, run.rank, 1)) \
+            if run.teacher else None  # the global crops only
+    loss, stats, push = run.method.loss(student, teacher, run, now, step)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.method.after_backward:
+        run.method.after_backward(run.model, step, run.steps_per_epoch)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.method.after_step:
+        run.method.after_step(run.model)
+    if run.teacher:
+        run.teacher.update(run.model, now["momentum"])
+    if push is not None:  # every rank keeps the same queue: the rows of the global batch
+        run.queue.push(losses.gather(push))
     return loss, stats
 
 
@@ -360,6 +647,122 @@ class KnnMonitor:
         return evaluate.topk_accuracy(scores, query_labels)  # [top-1, top-5]
 
 
+# ---------------------------------------------------------------- around the steps: logs, checkpoints, kNN, stops
+
+class Bookkeeping:
+    """What happens between steps, the same for every method: each step the ranks agree whether to stop (a
+    signal reached any rank) or save (rank 0's clock); log lines, run.pt, the kNN monitor, the NaN check."""
+
+    def __init__(self, args, run, world, control, start_step, end_step, stop_signal, resumed_from, data_info, device,
+                 max_bytes):
+        self.args, self.run, self.world, self.control = args, run, world, control
+        self.rank, self.spe = run.rank, run.steps_per_epoch
+        self.start, self.end, self.total = start_step, end_step, args.epochs * run.steps_per_epoch
+        self.stop_signal, self.data_info = stop_signal, data_info
+        self.run_path, self.log_path = os.path.join(args.out_dir, "run.pt"), os.path.join(args.out_dir, "log.jsonl")
+        self.monitor = KnnMonitor(args, device, max_bytes) if args.knn_every and self.rank == 0 else None
+        self.cuda = device.type == "cuda"
+        if self.rank == 0:
+            os.makedirs(args.out_dir, exist_ok=True)
+            log = trim_log(self.log_path, start_step)  # drop what an interrupted run logged after its checkpoint
+            print(describe_run(args, data_info["num_images"], world, device, self.spe), flush=True)
+            print(describe_schedules(args, float(run.schedules["lr"][0])), flush=True)
+            if args.recipe_values:
+                print(f"recipe {args.recipe}: " + " ".join(f"{flag(k)} {shown(getattr(args, k))}"
+                                                           for k in args.recipe_values), flush=True)
+            if resumed_from:
+                print(f"continuing {resumed_from} at step {start_step} of {self.total} (epoch {start_step // self.spe}, "
+                      f"step {start_step % self.spe} of it)", flush=True)
+            self.knn_records = [r for r in log if "knn_top1" in r]  # the first is the random-init value
+        self.t_start = self.last_save = time.time()
+        if self.knn_due(start_step):  # step 0, or an epoch's end whose kNN a stopped run skipped
+            self.knn(start_step)
+
+    def save(self, step):
+        if self.rank == 0:
+            run = self.run
+            state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "scaler": run.scaler.state_dict(), "teacher": run.teacher and run.teacher.net.state_dict(),
+                     "queue": run.queue and run.queue.state_dict(), "step": step, "epoch": step // self.spe,
+                     "args": {k: v for k, v in vars(self.args).items() if k != "recipe_values"}, "data": self.data_info}
+            atomic_save(state, self.run_path)
+            exported = run.teacher.net if self.args.export_teacher else run.model
+            atomic_save(exported.backbone.state_dict(), os.path.join(self.args.out_dir, "backbone.pt"))
+        self.last_save = time.time()
+
+    def knn_due(self, step):  # before training, after every --knn-every-th epoch and after the last
+        epoch, it = divmod(step, self.spe)
+        return self.args.knn_every and it == 0 and (epoch % self.args.knn_every == 0 or step == self.total)
+
+    def knn(self, step):
+        if self.rank == 0 and all(r["step"] != step for r in self.knn_records):  # a continued run may hold it already
+            t0 = time.time()
+            top1, top5 = self.monitor(self.run.model.backbone)
+            rec = {"epoch": step // self.spe, "step": step, "knn_top1": round(top1, 2), "knn_top5": round(top5, 2),
+                   "seconds": round(time.time() - t0, 1)}
+            self.knn_records.append(rec)
+            append_log(self.log_path, rec)
+            print(f"knn ep {rec['epoch']}: top-1 {top1:.2f}{knn_gain(self.knn_records)}, top-5 {top5:.2f}, "
+                  f"{rec['seconds']:.0f} s", flush=True)
+        if self.world > 1:
+            dist.barrier(group=self.control)  # the other ranks wait for rank 0's evaluation
+
+    def after_step(self, step, loss, stats, now):
+        """Log, save, evaluate, stop, as due after `step`."""
+        epoch, it = divmod(step, self.spe)
+        if step == self.start:  # the speed is timed from here: the first step waits for --compile
+            if self.cuda:
+                torch.cuda.synchronize()  # once a session: the first step's GPU work inside, not after
+            self.t_first = time.time()
+        save_due = self.rank == 0 and time.time() - self.last_save > 60 * self.args.ckpt_every_min
+        flags = torch.tensor([max(self.stop_signal, default=0), int(save_due)])  # (2,) int64
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
+        epoch_done = it == self.spe - 1
+        log_due = step % self.args.log_every == 0 or epoch_done
+        if (log_due or flags.any()) and not math.isfinite(loss.item()):  # the only host-device syncs; before a save
+            fail(f"loss is {loss.item()} at step {step}; lower --lr" + (", or raise --lam-start" if "lam" in now else ""))
+        if self.rank == 0 and log_due:
+            self.log(step, epoch, loss, stats, now)
+        if flags.any() or step + 1 == self.end or (epoch_done and (epoch + 1) % self.args.ckpt_every_epochs == 0):
+            self.save(step + 1)
+        stopping = flags[0] and step + 1 < self.end
+        if epoch_done and self.knn_due(step + 1) and not stopping:  # a stopping run has seconds: run.pt, no kNN
+            self.knn(step + 1)
+        if stopping:
+            if self.world > 1:
+                dist.barrier(group=self.control)  # run.pt is written before any rank exits
+            if self.rank == 0:
+                print(f"stopped by {signal.Signals(int(flags[0])).name} after step {step + 1} of {self.total} (epoch "
+                      f"{epoch}, step {it + 1} of {self.spe}); {self.run_path} holds it: run the same command to "
+                      f"continue", flush=True)
+            raise SystemExit(128 + int(flags[0]))
+
+    def log(self, step, epoch, loss, stats, now):
+        t = time.time()
+        done, since = (step - self.start, self.t_first) if step > self.start else (1, self.t_start)
+        rate = self.args.batch_size * done / (t - since)  # images/s this session, after its first step
+        rec = {"epoch": epoch, "step": step, "loss": loss.item(), **{k: float(v) for k, v in stats.items()}, **now,
+               "img_per_s": round(rate, 1), "eta_min": round((self.end - step - 1) * self.args.batch_size / rate / 60, 1),
+               "time": round(t - self.t_start, 3)}
+        append_log(self.log_path, rec)
+        shown = " ".join(f"{k.replace('_', '-')} {rec[k]:.4g}" for k in [*stats, *now])
+        print(f"ep {epoch} step {step}/{self.total} loss {rec['loss']:.4f} {shown} {rate:.0f} img/s eta "
+              f"{rec['eta_min']}m", flush=True)
+
+    def finish(self):
+        if self.rank == 0:
+            print(f"done: {self.end // self.spe} of {self.args.epochs} epochs in {(time.time() - self.t_start) / 60:.1f} "
+                  f"min; checkpoint {self.run_path}", flush=True)
+            if len(self.knn_records) > 1:
+                first, last = self.knn_records[0], self.knn_records[-1]
+                print(f"kNN top-1 (k=200): {first['knn_top1']:.2f} at epoch {first['epoch']}"
+                      f"{' (random init)' if first['step'] == 0 else ''} -> {last['knn_top1']:.2f} at epoch "
+                      f"{last['epoch']}: {last['knn_top1'] - first['knn_top1']:+.2f} points", flush=True)
+
+
+# ---------------------------------------------------------------- the run
+
 def main(argv=None):
     args = parse_args(argv)
     stop_signal = []  # SIGTERM/SIGUSR1 received; looked at after every step
@@ -378,23 +781,29 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def pretrain(args, stop_signal):
-    rank, world, device, control = setup_distributed()
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+def find_checkpoint(args, world, control):
+    """(checkpoint or None, where it came from): the out-dir's run.pt, else --resume; every rank the same."""
     run_path = os.path.join(args.out_dir, "run.pt")
     # The same command continues its own run; --resume only points elsewhere for a first start.
     resume_from = run_path if os.path.exists(run_path) else args.resume
     ckpt = models.load_checkpoint(resume_from) if resume_from else None
     if ckpt is not None:
         check_same_run(ckpt["args"], args, resume_from)
-    start_step = ckpt["step"] if ckpt is not None else 0
     if world > 1:  # every rank must continue from the same step (--out-dir on a shared filesystem)
-        steps = torch.tensor([start_step, -start_step])  # (2,)
+        start = ckpt["step"] if ckpt is not None else 0
+        steps = torch.tensor([start, -start])  # (2,)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=control)
         if steps[0] != -steps[1]:
             fail(f"the ranks found run.pt at different steps ({-int(steps[1])} to {int(steps[0])}); --out-dir must "
                  f"be one folder every node sees")
+    return ckpt, resume_from
+
+
+def pretrain(args, stop_signal):
+    rank, world, device, control = setup_distributed()
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    ckpt, resume_from = find_checkpoint(args, world, control)
     if ckpt is not None and ckpt["epoch"] >= (args.until_epoch or args.epochs):
         if rank == 0:
             print(f"{resume_from} is finished: {ckpt['epoch']} of {args.epochs} epochs done"
@@ -405,147 +814,27 @@ def pretrain(args, stop_signal):
     # Data: this rank's share of every global batch, in an order fixed by (seed, epoch).
     max_bytes = data.memory_budget(device)
     source, labels = load_pretrain_data(args, device, max_bytes)
-    num_images, num_classes = len(labels), len(labels[labels >= 0].unique())
-    if num_images < args.batch_size:
-        fail(f"{num_images} images are fewer than one batch of --batch-size {args.batch_size}")
-    trained_on = ckpt.get("data") if ckpt is not None else None
-    if trained_on and trained_on != {"num_images": num_images, "num_classes": num_classes}:
-        fail(f"{args.dataset} under {args.data_dir} now has {num_images} images in {num_classes} classes, but "
-             f"{resume_from} was trained on {trained_on['num_images']} in {trained_on['num_classes']}")
-    steps_per_epoch = num_images // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
+    info = {"num_images": len(labels), "num_classes": len(labels[labels >= 0].unique())}
+    if info["num_images"] < args.batch_size:
+        fail(f"{info['num_images']} images are fewer than one batch of --batch-size {args.batch_size}")
+    if ckpt is not None and ckpt.get("data") and ckpt["data"] != info:
+        fail(f"{args.dataset} under {args.data_dir} now has {info['num_images']} images in {info['num_classes']} "
+             f"classes, but {resume_from} was trained on {ckpt['data']['num_images']} in {ckpt['data']['num_classes']}")
+    steps_per_epoch = info["num_images"] // args.batch_size
+    start_step = ckpt["step"] if ckpt is not None else 0
     end_step = (args.until_epoch or args.epochs) * steps_per_epoch
 
-    # Model, optimizer, schedules.
-    torch.manual_seed(args.seed)
-    model = models.AssignmentModel(args.method, args.arch, args.cifar_stem, args.num_prototypes,
-                                   args.proto_init_gain)
-    if args.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=torch.channels_last)
-    lr = args.lr * args.batch_size / 256
-    optimizer = build_optimizer(args, model, lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    lrs = lr_schedule(lr, lr * args.final_lr_ratio, args.epochs, steps_per_epoch, args.warmup_epochs)  # (total,)
-    lams = lam_schedule(args.lam_start, args.lam_end, args.lam_epochs, args.epochs, steps_per_epoch)  # (total,)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty when the run started without fp16
-            scaler.load_state_dict(ckpt["scaler"])
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    if args.compile:
-        net = torch.compile(net)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
-                              enabled=args.amp != "off")
-
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    monitor = KnnMonitor(args, device, max_bytes) if args.knn_every and rank == 0 else None
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-        log = trim_log(log_path, start_step)  # drop what an interrupted run logged after its checkpoint
-        print(f"{args.method} {args.arch} on {args.dataset}: {num_images} images, {world} process(es) on "
-              f"{device.type}, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, "
-              f"K {args.num_prototypes}" + (f" in blocks of {args.block_size}" if args.method == "carp" else "")
-              + f", {args.optimizer} wd {args.weight_decay:g}, {args.views} views, {args.loader} loader, amp "
-              f"{args.amp}" + (", torch.compile (its first step takes about a minute)" if args.compile else ""),
-              flush=True)
-        print(describe_schedules(args, lr), flush=True)
-        if ckpt is not None:
-            print(f"continuing {resume_from} at step {start_step} of {total_steps} "
-                  f"(epoch {start_step // steps_per_epoch}, step {start_step % steps_per_epoch} of it)", flush=True)
-        knn_records = [r for r in log if "knn_top1" in r]  # the first is the random-init value
-
-    def save(step):
-        if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
-                     "data": {"num_images": num_images, "num_classes": num_classes}}
-            atomic_save(state, run_path)
-            atomic_save(model.backbone.state_dict(), os.path.join(args.out_dir, "backbone.pt"))
-
-    def knn_due(step):  # before training, after every --knn-every-th epoch and after the last
-        epoch, it = divmod(step, steps_per_epoch)
-        return args.knn_every and it == 0 and (epoch % args.knn_every == 0 or step == total_steps)
-
-    def knn(step):
-        if rank == 0 and all(r["step"] != step for r in knn_records):  # a continued run may hold it already
-            t0 = time.time()
-            top1, top5 = monitor(model.backbone)
-            rec = {"epoch": step // steps_per_epoch, "step": step, "knn_top1": round(top1, 2),
-                   "knn_top5": round(top5, 2), "seconds": round(time.time() - t0, 1)}
-            knn_records.append(rec)
-            append_log(log_path, rec)
-            print(f"knn ep {rec['epoch']}: top-1 {top1:.2f}{knn_gain(knn_records)}, top-5 {top5:.2f}, "
-                  f"{rec['seconds']:.0f} s", flush=True)
-        if world > 1:
-            dist.barrier(group=control)  # the other ranks wait for rank 0's evaluation
-
-    if knn_due(start_step):  # step 0, or an epoch's end whose kNN a stopped run skipped
-        knn(start_step)
-
-    batches = data.Batches(num_images, args.batch_size, world, rank, args.seed, start_step, end_step)
-    t_start, last_save = time.time(), time.time()
+    run = build_run(args, device, world, steps_per_epoch, ckpt)
+    book = Bookkeeping(args, run, world, control, start_step, end_step, stop_signal, ckpt and resume_from, info, device,
+                       max_bytes)
+    batches = data.Batches(info["num_images"], args.batch_size, world, rank, args.seed, start_step, end_step)
     # closing() shuts DataLoader workers down on every way out: they ignore SIGTERM, so nothing else would
     with contextlib.closing(pretrain_batches(args, source, batches, rank, device)) as stream:
-        for step, (view_a, view_b) in zip(range(start_step, end_step), stream):
-            epoch, it = divmod(step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = float(lrs[step]) * group["lr_scale"]
-            loss, stats = train_step(net, optimizer, scaler, autocast, view_a, view_b, args, float(lams[step]), step)
-            if step == start_step:  # the speed is timed from here: the first step waits for --compile
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # once a session: the first step's GPU work inside, not after
-                t_first = time.time()
-
-            # Every rank agrees, each step, whether to stop (a signal reached any rank) or save (rank 0's clock).
-            save_due = rank == 0 and time.time() - last_save > 60 * args.ckpt_every_min
-            flags = torch.tensor([max(stop_signal, default=0), int(save_due)])  # (2,) int64
-            if world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
-            epoch_done = it == steps_per_epoch - 1
-            if step % args.log_every == 0 or epoch_done or flags.any():  # the only host-device syncs
-                if not math.isfinite(loss.item()):  # before anything is saved
-                    fail(f"loss is {loss.item()} at step {step}; lower --lr, or raise --lam-start")
-            if rank == 0 and (step % args.log_every == 0 or epoch_done):
-                now = time.time()
-                done, since = (step - start_step, t_first) if step > start_step else (1, t_start)
-                rate = args.batch_size * done / (now - since)  # images/s this session, after its first step
-                rec = {"epoch": epoch, "step": step, "loss": loss.item(), "consistency": stats["consistency"].item(),
-                       "kl": stats["kl"].item(), "entropy": float(stats["entropy"]), "in_use": int(stats["in_use"]),
-                       "lam": float(lams[step]), "lr": float(lrs[step]), "img_per_s": round(rate, 1),
-                       "eta_min": round((end_step - step - 1) * args.batch_size / rate / 60, 1),
-                       "time": round(now - t_start, 3)}
-                append_log(log_path, rec)
-                print(f"ep {epoch} step {step}/{total_steps} loss {rec['loss']:.4f} cons {rec['consistency']:.4f} "
-                      f"kl {rec['kl']:.4f} lam {rec['lam']:.3f} lr {rec['lr']:.4g} in-use {rec['in_use']}/"
-                      f"{args.num_prototypes} {rate:.0f} img/s eta {rec['eta_min']}m", flush=True)
-
-            if flags.any() or step + 1 == end_step or (epoch_done and (epoch + 1) % args.ckpt_every_epochs == 0):
-                save(step + 1)
-                last_save = time.time()
-            stopping = flags[0] and step + 1 < end_step
-            if epoch_done and knn_due(step + 1) and not stopping:  # a stopping run has seconds: run.pt, no kNN
-                knn(step + 1)
-            if stopping:
-                if world > 1:
-                    dist.barrier(group=control)  # run.pt is written before any rank exits
-                if rank == 0:
-                    print(f"stopped by {signal.Signals(int(flags[0])).name} after step {step + 1} of {total_steps} "
-                          f"(epoch {epoch}, step {it + 1} of {steps_per_epoch}); {run_path} holds it: run the same "
-                          f"command to continue", flush=True)
-                raise SystemExit(128 + int(flags[0]))
-    if rank == 0:
-        print(f"done: {end_step // steps_per_epoch} of {args.epochs} epochs in {(time.time() - t_start) / 60:.1f} min; "
-              f"checkpoint {run_path}", flush=True)
-        if len(knn_records) > 1:
-            first, last = knn_records[0], knn_records[-1]
-            print(f"kNN top-1 (k=200): {first['knn_top1']:.2f} at epoch {first['epoch']}"
-                  f"{' (random init)' if first['step'] == 0 else ''} -> {last['knn_top1']:.2f} at epoch "
-                  f"{last['epoch']}: {last['knn_top1'] - first['knn_top1']:+.2f} points", flush=True)
+        for step, views in zip(range(start_step, end_step), stream):
+            now = {name: float(values[step]) for name, values in run.schedules.items()}  # lr, lam, momentum
+            loss, stats = train_step(run, views, now, step)
+            book.after_step(step, loss, stats, now)
+    book.finish()
 
 
 def knn_gain(records):

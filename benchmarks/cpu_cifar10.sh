@@ -1,47 +1,106 @@
 #!/usr/bin/env bash
-# CPU sanity scenario (RESULTS.md): ResNet-18 (CIFAR stem) pretrained with CARL and with CARP
-# on a fixed class-balanced 5,000-image subset of the CIFAR-10 train split, one after the other,
-# each with the whole (2-core) machine for ~25 min (with bf16). train.py's kNN monitor (k=200,
-# T=0.07) scores the backbone before training (random init), every 7 epochs and at the end, with
-# those 5,000 images as the bank and a fixed class-balanced 2,000-image subset of the test split
-# as queries. Prints one result line per method.
+# CPU comparison (RESULTS.md, "CPU comparison"): ResNet-18 (CIFAR stem) pretrained by each method on the
+# same fixed class-balanced 5,000-image subset of the CIFAR-10 train split, one after the other on one
+# machine, each for the same wall time of training. train.py's kNN monitor (k=200, T=0.07) scores the
+# backbone before training (random init) and at the end, with those 5,000 images as the bank and a fixed
+# class-balanced 2,000-image subset of the test split as queries. Prints one table.
 #
-#   bash benchmarks/cpu_cifar10.sh ../shared/data/cifar10      # ImageFolder tree (train/, test/)
-#   bash benchmarks/cpu_cifar10.sh data                        # torchvision CIFAR-10 (downloads)
+#   bash benchmarks/cpu_cifar10.sh ../shared/data/cifar10                  # ImageFolder tree (train/, test/)
+#   RUNS="simclr carl" MINUTES=5 bash benchmarks/cpu_cifar10.sh data      # torchvision CIFAR-10 (downloads)
 #
-# Resumable: run it again after a stop and each training continues from its run.pt.
-# EPOCHS (default 14: ~25 min each with the bf16 autocast train.py uses on CPUs with native
-# bf16; without it, about 8 on a fast CPU and 4 on a slow one) and OUT (default
-# runs/cpu-cifar10) may be set. Why these hyper-parameters: RESULTS.md.
+# Equal wall time: first each run's training speed is measured (20 steps on 1,280 images, the first left
+# out) and its epochs set to what MINUTES (default 15) of training hold at that speed, so every cosine
+# schedule ends where its run does; the speeds and epochs are kept in $OUT/epochs.tsv, so a stopped
+# benchmark run again continues each training from its run.pt with the same epochs.
+# Every run: batch 64 (the lr scaled linearly from its per-256 value: at ~50 images/s a batch of 256 gives
+# ~20 steps an epoch), the method's thesis/paper settings otherwise; RESULTS.md lists every setting that
+# differs and why. OUT (default runs/cpu-cifar10), RUNS (default: all, in the order below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: $0 DATA_DIR}
-EPOCHS=${EPOCHS:-14}
+MINUTES=${MINUTES:-15}
 OUT=${OUT:-runs/cpu-cifar10}
 if [ -d "$DATA/train" ]; then SRC=(--dataset imagefolder --data-dir "$DATA" --image-size 32)
 else SRC=(--dataset cifar10 --data-dir "$DATA" --download); fi
-COMMON=(--train-subset 5000 --batch-size 64 --epochs "$EPOCHS" --optimizer lars --weight-decay 1e-6
-        --final-lr-ratio 1e-3 --log-every 20 --knn-every 7 --knn-train-subset 5000 --knn-test-subset 2000)
+COMMON=(--train-subset 5000 --batch-size 64 --log-every 20 --knn-train-subset 5000 --knn-test-subset 2000)
 
-pretrain() {  # name, then method flags; the same command continues an interrupted run
-    mkdir -p "$OUT/$1"
-    python train.py "${@:2}" "${SRC[@]}" "${COMMON[@]}" --out-dir "$OUT/$1" >> "$OUT/$1/train.out" 2>&1
+# The CPU recipes of CARL and CARP (RESULTS.md, "Why these hyper-parameters"): LARS, prototypes started
+# larger, lambda near 1, CARP with CARL's views and blocks sized to the batch.
+# "@F": F times the run's epochs (lambda's decay keeps its share of the run).
+CARL_CPU=(--method carl --optimizer lars --lr 4.8 --weight-decay 1e-6 --final-lr-ratio 1e-3 --num-prototypes 100
+          --proto-init-gain 5 --lam-start 1.5 --lam-end 1 --lam-epochs @1)
+CARP_CPU=(--method carp --views carl --optimizer lars --lr 5.4 --weight-decay 1e-6 --final-lr-ratio 1e-3
+          --num-prototypes 500 --block-size 50 --proto-init-gain 3 --lam-start 0.75 --lam-end 0.5 --lam-epochs @1)
+MULTICROP=(--local-crops 6 --local-size 16)
+declare -A FLAGS=(
+    [simclr]="--method simclr"
+    [simclr-lr4x]="--method simclr --lr 0.12"
+    [byol]="--method byol --views carl"
+    [byol-lr4x]="--method byol --views carl --lr 0.12"
+    [swav]="--method swav"
+    [mocov2]="--method mocov2"
+    [carl-thesis]="--method carl --num-prototypes 100 --lam-epochs @0.5"
+    [carp-thesis]="--method carp --views carl --lam-epochs @0.15"
+    [carl]="${CARL_CPU[*]}"
+    [carp]="${CARP_CPU[*]}"
+    [carl-teacher]="${CARL_CPU[*]} --teacher ema"
+    [carp-teacher]="${CARP_CPU[*]} --teacher ema"
+    [carl-multicrop]="${CARL_CPU[*]} ${MULTICROP[*]}"
+    [carp-multicrop]="${CARP_CPU[*]} ${MULTICROP[*]}"
+    [carl-teacher-multicrop]="${CARL_CPU[*]} --teacher ema ${MULTICROP[*]}"
+    [carp-teacher-multicrop]="${CARP_CPU[*]} --teacher ema ${MULTICROP[*]}"
+)
+RUNS=${RUNS:-"simclr byol swav mocov2 carl-thesis carp-thesis carl carp carl-teacher carp-teacher carl-multicrop
+               carp-multicrop carl-teacher-multicrop carp-teacher-multicrop simclr-lr4x byol-lr4x"}
+mkdir -p "$OUT"
+touch "$OUT/epochs.tsv"
+
+flags_for() {  # run name, its epochs -> its train.py flags, each "@F" resolved
+    local f out=()
+    for f in ${FLAGS[$1]}; do
+        [[ $f == @* ]] && f=$(python -c "print(round(${f#@} * $2, 3))")
+        out+=("$f")
+    done
+    echo "${out[@]}"
 }
-pretrain carl --method carl --lr 4.8 --num-prototypes 100 --proto-init-gain 5 \
-    --lam-start 1.5 --lam-end 1 --lam-epochs "$EPOCHS"
-pretrain carp --method carp --views carl --lr 5.4 --num-prototypes 500 --block-size 50 --proto-init-gain 3 \
-    --lam-start 0.75 --lam-end 0.5 --lam-epochs "$EPOCHS"
 
-python - "$OUT" <<'PY'
+for name in $RUNS; do  # 1. each run's speed, and the epochs MINUTES hold (kept: a rerun continues alike)
+    [ -n "${FLAGS[$name]:-}" ] || { echo "unknown run $name" >&2; exit 2; }
+    grep -q "^$name	" "$OUT/epochs.tsv" && continue
+    rm -rf "$OUT/speed-$name"
+    # shellcheck disable=SC2046
+    python train.py $(flags_for "$name" 1) "${SRC[@]}" --train-subset 1280 --batch-size 64 --epochs 1 \
+        --log-every 19 --knn-every 0 --out-dir "$OUT/speed-$name" > "$OUT/speed-$name.out" 2>&1
+    python - "$OUT" "$name" "$MINUTES" <<'PY'
 import json, sys
-for m in ("carl", "carp"):
-    log = [json.loads(l) for l in open(f"{sys.argv[1]}/{m}/log.jsonl")]
+out, name, minutes = sys.argv[1], sys.argv[2], float(sys.argv[3])
+steps = [json.loads(l) for l in open(f"{out}/speed-{name}/log.jsonl") if '"loss"' in l]
+rate = steps[-1]["img_per_s"]  # images/s over steps 1-19 (the first step left out)
+epochs = max(1, int(minutes * 60 * rate / 5000))
+open(f"{out}/epochs.tsv", "a").write(f"{name}\t{epochs}\t{rate}\n")
+print(f"{name}: {rate:.1f} images/s -> {epochs} epochs in {minutes:g} min")
+PY
+    rm -rf "$OUT/speed-$name"
+done
+
+for name in $RUNS; do  # 2. the trainings, one after the other; the same command continues a stopped one
+    epochs=$(awk -F'\t' -v n="$name" '$1 == n {print $2}' "$OUT/epochs.tsv")
+    mkdir -p "$OUT/$name"
+    # shellcheck disable=SC2046
+    python train.py $(flags_for "$name" "$epochs") "${SRC[@]}" "${COMMON[@]}" --epochs "$epochs" --knn-every "$epochs" \
+        --out-dir "$OUT/$name" >> "$OUT/$name/train.out" 2>&1
+done
+
+python - "$OUT" $RUNS <<'PY'
+import json, sys
+out, names = sys.argv[1], sys.argv[2:]
+speed = {l.split("\t")[0]: l.split("\t") for l in open(f"{out}/epochs.tsv")}
+print(f"{'run':24s} {'img/s':>6s} {'epochs':>6s} {'train min':>9s} {'kNN init':>8s} {'kNN end':>7s} {'gain':>6s}")
+for name in names:
+    log = [json.loads(l) for l in open(f"{out}/{name}/log.jsonl")]
     knn, steps = [r for r in log if "knn_top1" in r], [r for r in log if "loss" in r]
     # each continued session's clock starts at 0: add up the last time of every session
     minutes = sum(a["time"] for a, b in zip(steps, steps[1:] + [{"time": 0}]) if b["time"] < a["time"]) / 60
-    curve = ", ".join(f"ep {r['epoch']} {r['knn_top1']:.2f}" for r in knn)
-    print(f"cpu-cifar10 {m}: kNN k=200 top-1 {knn[-1]['knn_top1']:.2f}, random-init {knn[0]['knn_top1']:.2f} "
-          f"({curve}); {steps[-1]['epoch'] + 1} epochs, {minutes:.1f} min, "
-          f"{sum(r['seconds'] for r in knn) / len(knn):.0f} s per kNN evaluation, "
-          f"min prototypes in use {min(r['in_use'] for r in steps)}")
+    print(f"{name:24s} {float(speed[name][2]):6.1f} {steps[-1]['epoch'] + 1:6d} {minutes:9.1f} "
+          f"{knn[0]['knn_top1']:8.2f} {knn[-1]['knn_top1']:7.2f} {knn[-1]['knn_top1'] - knn[0]['knn_top1']:+6.2f}")
 PY

@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10                    # CARL
 #   METHOD=carp MINUTES=8 bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10
 #
+# METHOD: carl, carp, simclr, byol, swav, mocov2, or carp-neurips23 / carl-neurips23 (the published recipe).
+# EVAL_FLAGS go to evaluate.py (a CPU smoke run: EVAL_FLAGS="--train-subset 500 --test-subset 200
+# --linear-epochs 1" with train.py flags "--epochs 1 --train-subset 512").
+#
 # Flags after the data folder go to train.py (speed flags such as --no-compile, which may differ
 # between the calls of one run). run.pt is written every 10 epochs (an epoch takes seconds) or
 # 3 minutes, at the end, and when stopped.
@@ -22,10 +26,12 @@ MINUTES=${MINUTES:-0}
 RUN=${RUNS:-runs/gpu-cifar10}/$METHOD
 if [ -d "$DATA/train" ]; then SRC=(--dataset imagefolder --data-dir "$DATA" --image-size 32)
 else SRC=(--dataset cifar10 --data-dir "$DATA" --download); fi
-case $METHOD in  # an ImageFolder tree would otherwise take the ImageNet K (3000) for CARL
-    carl) FLAGS=(--method carl --num-prototypes 100) ;;
-    carp) FLAGS=(--method carp) ;;
-    *) echo "METHOD must be carl or carp" >&2; exit 2 ;;
+case $METHOD in  # an ImageFolder tree would otherwise take the ImageNet K (3000) for CARL and SwAV
+    carl|swav) FLAGS=(--method "$METHOD" --num-prototypes 100) ;;
+    carp|simclr|byol|mocov2) FLAGS=(--method "$METHOD") ;;
+    carl-neurips23) FLAGS=(--method carl --num-prototypes 100 --recipe neurips23) ;;
+    carp-neurips23) FLAGS=(--method carp --recipe neurips23) ;;
+    *) echo "METHOD must be carl, carp, simclr, byol, swav, mocov2, carl-neurips23 or carp-neurips23" >&2; exit 2 ;;
 esac
 
 status=0
@@ -42,5 +48,6 @@ if [ -f "$RUN/eval.jsonl" ] && grep -q '"protocol": "linear-aug"' "$RUN/eval.jso
     echo "gpu-cifar10 $METHOD: done and evaluated; results in $RUN/eval.jsonl"
     exit 0
 fi
-python evaluate.py --ckpt "$RUN/run.pt" --protocol knn linear linear-aug "${SRC[@]}"
+# shellcheck disable=SC2086
+python evaluate.py --ckpt "$RUN/run.pt" --protocol knn linear linear-aug "${SRC[@]}" ${EVAL_FLAGS:-}
 echo "gpu-cifar10 $METHOD: done; kNN curve in $RUN/log.jsonl, probes in $RUN/eval.jsonl"

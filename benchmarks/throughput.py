@@ -30,7 +30,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import model as models  # noqa: E402
 import train  # noqa: E402
 
 
@@ -61,7 +60,8 @@ def loop_rate(flags, loader, steps, batch):
                     "--log-every", str(log_every), "--knn-every", "0", "--ckpt-every-min", "1e9", "--out-dir", out])
         log = [r for r in train.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
     first, last = log[1], log[-1]
-    return 2 * batch * (last["step"] - first["step"]) / (last["time"] - first["time"])
+    views = train.parse_args(flags).global_crops + train.parse_args(flags).local_crops
+    return views * batch * (last["step"] - first["step"]) / (last["time"] - first["time"])
 
 
 def per_parameter_lars_step(optimizer):
@@ -89,6 +89,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--loaders", nargs="+", default=["workers", "device"], choices=["workers", "device"],
+                   help="the loaders whose data-alone speed and train.py loop are measured")
     opts, extra = p.parse_known_args()
     flags = ["--dataset", opts.dataset, "--data-dir", opts.data_dir, "--image-size", str(opts.image_size),
              "--batch-size", str(opts.batch_size), "--workers", str(opts.workers), *extra]
@@ -98,23 +100,21 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; {args.method} {args.arch}, {args.image_size} px, batch {args.batch_size}, amp {args.amp}"
           f"{', compiled' if args.compile else ''}; {opts.steps} timed steps", flush=True)
-    views = 2 * args.batch_size
+    views = (args.global_crops + args.local_crops) * args.batch_size  # views per step
     results = {"machine": name, "batch": args.batch_size, "image_size": args.image_size, "amp": args.amp}
 
     # (a) the bare step, then what bf16 and channels-last each buy (and --compile, when asked)
     def bare_setup(amp, channels_last, compile_):
-        torch.manual_seed(0)
+        a = argparse.Namespace(**{**vars(args), "amp": amp, "compile": compile_})
+        run = train.build_run(a, device, 1, steps_per_epoch=1)
+        if not channels_last:
+            run.model.to(memory_format=torch.contiguous_format)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = models.AssignmentModel(args.method, args.arch, args.cifar_stem, args.num_prototypes,
-                                       args.proto_init_gain).to(device, memory_format=fmt)
-        net = torch.compile(model) if compile_ else model
-        optimizer = train.build_optimizer(args, model, args.lr * args.batch_size / 256)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
-                                  enabled=amp != "off")
-        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
-        step = lambda: train.train_step(net, optimizer, scaler, autocast, x, x, args, 1.0, 0)  # noqa: E731
-        return step, optimizer
+        sizes = [args.image_size] * args.global_crops + [args.local_size] * args.local_crops
+        x = [torch.randn(args.batch_size, 3, s, s, device=device).to(memory_format=fmt) for s in sizes]
+        now = {name: float(values[0]) for name, values in run.schedules.items()}
+        step = lambda: train.train_step(run, x, now, 0)  # noqa: E731
+        return step, run.optimizer
 
     step, optimizer = bare_setup(args.amp, True, args.compile)
     results["bare"] = views / timed(step, opts.steps, device)
@@ -146,6 +146,7 @@ def main():
     runs = [("workers", "workers", False), ("device", "device", args.compile)]  # (loader, name, compile views)
     if args.compile:
         runs.append(("device", "device, not compiled", False))
+    runs = [r for r in runs if r[0] in opts.loaders]
     for loader, name, compile_views in runs:
         a = train.parse_args([*flags, "--loader", loader, "--knn-every", "0"])
         a.compile = compile_views
@@ -158,13 +159,13 @@ def main():
     if args.compile:
         results["data_device_eager_ms"] = 1e3 * t_data["device, not compiled"]
     del source, src
-    print(f"    split of the bare step: forward+backward {1e3 * t_fb:.1f} ms, optimizer {1e3 * t_opt:.1f} ms; "
-          f"views {1e3 * t_data['device']:.1f} ms (device) / {1e3 * t_data['workers']:.1f} ms (workers)", flush=True)
+    print(f"    split of the bare step: forward+backward {1e3 * t_fb:.1f} ms, optimizer {1e3 * t_opt:.1f} ms; views "
+          + " / ".join(f"{1e3 * t_data[name]:.1f} ms ({name})" for name in opts.loaders), flush=True)
     results.update(fwd_bwd_ms=1e3 * t_fb, optimizer_ms=1e3 * t_opt,
-                   data_device_ms=1e3 * t_data["device"], data_workers_ms=1e3 * t_data["workers"])
+                   **{f"data_{name}_ms": 1e3 * t_data[name] for name in opts.loaders})
 
     # (b), (c): train.py's own loop; GPU memory as train.py alone holds it (the benchmark's copies freed)
-    for tag, loader in (("b", "workers"), ("c", "device")):
+    for tag, loader in [(t, name) for t, name in (("b", "workers"), ("c", "device")) if name in opts.loaders]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -33,18 +33,18 @@ def test_views_have_the_asked_size(method, size):
 
 def test_carp_views_are_asymmetric():
     views = augment.pretrain_views("carp", 32, "cifar10")
-    (blur_1, _), = find(views.first, T.GaussianBlur)
-    (blur_2, _), = find(views.second, T.GaussianBlur)
+    (blur_1, _), = find(views.views[0], T.GaussianBlur)
+    (blur_2, _), = find(views.views[1], T.GaussianBlur)
     assert (blur_1.p, blur_2.p) == (1.0, 0.1)
-    assert [t.p for t in views.first.transforms if isinstance(t, T.RandomSolarize)] == [0.0]
-    assert [t.p for t in views.second.transforms if isinstance(t, T.RandomSolarize)] == [0.2]
+    assert [t.p for t in views.views[0].transforms if isinstance(t, T.RandomSolarize)] == []  # p = 0: left out
+    assert [t.p for t in views.views[1].transforms if isinstance(t, T.RandomSolarize)] == [0.2]
 
 
 @pytest.mark.parametrize("method", ["carl", "carp"])
 @pytest.mark.parametrize("size,kernel", [(224, 23), (96, 9), (32, 3)])
 def test_blur_is_sized_to_the_image(method, size, kernel):
     views = augment.pretrain_views(method, size, "cifar10")
-    blurs = find(views.first, T.GaussianBlur) + find(views.second, T.GaussianBlur)
+    blurs = find(views.views[0], T.GaussianBlur) + find(views.views[1], T.GaussianBlur)
     assert len(blurs) == 2
     for _, blur in blurs:
         assert blur.kernel_size == (kernel, kernel)
@@ -259,13 +259,13 @@ def test_jitter_order_is_a_uniform_permutation():
 def test_step_probabilities(kind, view):
     """Each step's rate over many samples, against the PIL pipeline's own settings."""
     pil = augment.pretrain_views(kind, 32, "cifar10")
-    pil = pil.first if view == 0 else pil.second
+    pil = pil.views[view]
     blur = find(pil, T.GaussianBlur)[0][0].p
     solarize = [t.p for t in pil.transforms if isinstance(t, T.RandomSolarize)] or [0.0]
     jitter = find(pil, T.ColorJitter)[0][0].p
     gray = [t.p for t in pil.transforms if isinstance(t, T.RandomGrayscale)][0]
     bv = augment.batch_pretrain_views(kind, 32, "cifar10")
-    p = (bv.first if view == 0 else bv.second).sample(N, 32, 32, gen(8))
+    p = bv.views[view].sample(N, 32, 32, gen(8))
     for step, expected in [("flip", 0.5), ("jitter", jitter), ("gray", gray), ("blur", blur),
                            ("solarize", solarize[0])]:
         assert p[step].float().mean() == pytest.approx(expected, abs=0.015), step
@@ -278,7 +278,7 @@ def test_batch_and_pil_views_share_their_settings():
     for kind in ["carl", "carp"]:
         pil = augment.pretrain_views(kind, 32, "cifar10")
         batched = augment.batch_pretrain_views(kind, 32, "cifar10")
-        for view, bv in [(pil.first, batched.first), (pil.second, batched.second)]:
+        for view, bv in zip(pil.views, batched.views):
             crop, = [t for t in view.transforms if isinstance(t, T.RandomResizedCrop)]
             (_, jitter), = find(view, T.ColorJitter)
             assert tuple(crop.scale) == bv.scale and tuple(crop.ratio) == augment.RATIO
@@ -308,17 +308,17 @@ def test_batch_views_shape_and_determinism(kind, shape, size):
 
 def test_carp_batch_views_are_asymmetric_and_carl_symmetric():
     carp = augment.batch_pretrain_views("carp", 32, "cifar10")
-    p1, p2 = carp.first.sample(N, 32, 32, gen(12)), carp.second.sample(N, 32, 32, gen(12))
+    p1, p2 = carp.views[0].sample(N, 32, 32, gen(12)), carp.views[1].sample(N, 32, 32, gen(12))
     assert p1["blur"].all() and not p1["solarize"].any()
     assert 0.05 < p2["blur"].float().mean() < 0.15 and 0.15 < p2["solarize"].float().mean() < 0.25
     # view 2's solarize shows in its output: the same parameters with solarize off give other images
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen(13))
-    p = {**carp.second.sample(16, 32, 32, gen(14)), "jitter": torch.zeros(16, dtype=bool)}  # no dark images
-    changed = (carp.second.apply(x, p) != carp.second.apply(x, {**p, "solarize": torch.zeros(16, dtype=bool)}))
+    p = {**carp.views[1].sample(16, 32, 32, gen(14)), "jitter": torch.zeros(16, dtype=bool)}  # no dark images
+    changed = (carp.views[1].apply(x, p) != carp.views[1].apply(x, {**p, "solarize": torch.zeros(16, dtype=bool)}))
     assert torch.equal(changed.flatten(1).any(1), p["solarize"]) and p["solarize"].any()
     carl = augment.batch_pretrain_views("carl", 32, "cifar10")
-    assert carl.first is carl.second
-    q1, q2 = carl.first.sample(N, 32, 32, gen(15)), carl.second.sample(N, 32, 32, gen(16))
+    assert vars(carl.views[0]) == vars(carl.views[1])  # the same settings
+    q1, q2 = carl.views[0].sample(N, 32, 32, gen(15)), carl.views[1].sample(N, 32, 32, gen(16))
     assert q1["blur"].float().mean() == pytest.approx(q2["blur"].float().mean().item(), abs=0.02)
 
 
@@ -369,3 +369,32 @@ def test_compiled_views_match_eager():
     for seed in (22, 23):  # the second call reuses the compiled code
         for ours, ref in zip(compiled(x, gen(seed)), eager(x, gen(seed))):
             torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+# -- multi-crop
+
+def test_multicrop_settings_and_shapes_in_both_implementations():
+    """2 global crops (view 1 / view 2 settings) + 3 local ones (view 1's with their own scale, blur 0.5, no
+    solarisation), the same in the PIL and batched pipelines; each batched view one draw, all from one image."""
+    settings = augment.view_settings("neurips23", 2, 3, (0.05, 0.2))
+    assert [s["scale"] for s in settings] == [(0.2, 1.0)] * 2 + [(0.05, 0.2)] * 3
+    assert [s["blur_p"] for s in settings] == [1.0, 0.1, 0.5, 0.5, 0.5]
+    assert [s["solarize_p"] for s in settings] == [0.0, 0.2, 0.0, 0.0, 0.0]
+    assert augment.view_settings("carl", 3)[2] == augment.view_settings("carl")[0]  # a third global crop: view 1's
+    pil = augment.pretrain_views("neurips23", 32, "cifar10", 2, 3, 16, (0.05, 0.2))
+    views = pil(Image.new("RGB", (32, 32), (120, 60, 200)))
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    for view, s in zip(pil.views, settings):
+        crop, = [t for t in view.transforms if isinstance(t, T.RandomResizedCrop)]
+        assert tuple(crop.scale) == s["scale"] and find(view, T.GaussianBlur)[0][0].p == s["blur_p"]
+    batched = augment.batch_pretrain_views("neurips23", 32, "cifar10", 2, 3, 16, (0.05, 0.2))
+    assert [(v.size, v.scale, v.blur_p, v.solarize_p) for v in batched.views] == \
+        [(s, x["scale"], x["blur_p"], x["solarize_p"]) for s, x in zip([32, 32, 16, 16, 16], settings)]
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=gen(30))
+    out = batched(x, gen(31))
+    assert [tuple(v.shape) for v in out] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    u = augment.draw_uniforms(4, gen(31), views=5)  # one row of uniforms per view and image
+    assert all(torch.equal(a, b) for a, b in zip(out, batched.make(x, u)))
+    small = [(p["height"] * p["width"]).float() / 32 ** 2 for p in
+             (v.parameters(u_v, 32, 32) for v, u_v in zip(batched.views[2:], u[2:]))]
+    assert all((a <= 0.2 + 0.05).all() for a in small)  # local crops cover 5-20% of the image

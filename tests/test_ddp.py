@@ -1,8 +1,10 @@
-"""Two-process gloo DDP: losses and gradients equal those of one process on the whole batch.
+"""Two-process gloo DDP: every method's loss and gradients equal those of one process on the whole batch.
 
-Each rank holds half the batch. The consistency is a per-rank mean and DDP averages the
-gradients over ranks; the KL takes the batch mean over the global batch (all-reduce), so the
-DDP gradient equals the single-process gradient on the concatenated batch.
+Each rank holds half the batch. Per-sample terms are per-rank means and DDP averages the
+gradients over ranks; the batch-wide terms are global: the KL's batch mean (all-reduce), SimCLR's
+negatives (all-gather) and Sinkhorn's codes (the scores gathered); so the DDP gradient equals the
+single-process gradient on the concatenated batch. Teacher outputs and queues are fixed tensors
+here (every rank holds the same queue in train.py).
 """
 import math
 import os
@@ -36,10 +38,36 @@ def make_net():
     return nn.Linear(DIM, K)
 
 
-def loss_fn(method, la, lb):
+def fixed(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def loss_fn(method, la, lb, rows=slice(None)):
+    """The method's loss of the logits / embeddings (this rank's `rows` of the batch) of two views; the
+    teacher's outputs, local crops and queues are fixed tensors of the global batch, sliced alike."""
+    part = losses.random_partition(K, BLOCK, SEED, STEP)
+    teacher = [fixed(B, K, seed=11)[rows], fixed(B, K, seed=12)[rows]]
+    local = la.flip(1) * 0.5  # a third view from the same net (a "local crop")
     if method == "carl":
         return losses.carl_loss(la, lb, LAM)
-    return losses.carp_loss(la, lb, LAM, losses.random_partition(K, BLOCK, SEED, STEP))
+    if method == "carp":
+        return losses.carp_loss(la, lb, LAM, part)
+    if method == "carp-teacher-multicrop-pooled":
+        return losses.assignment_loss([la, lb, local], teacher, LAM, part, 2, pooled=True)
+    if method == "simclr":
+        return losses.nt_xent(la, lb, 0.2)
+    if method == "byol":
+        return losses.byol_loss(la, lb, *teacher)
+    if method == "swav":
+        bank = torch.nn.functional.normalize(fixed(16, K, seed=13), dim=1)
+        scores = [torch.nn.functional.normalize(x, dim=1) for x in (la, lb, local)]
+        return losses.swav_loss(scores, 0.1, 2, bank)
+    if method == "mocov2":
+        return losses.moco_loss(la, lb, *teacher, torch.nn.functional.normalize(fixed(24, K, seed=14), dim=1), 0.2)
+    raise ValueError(method)
+
+
+METHODS = ["carl", "carp", "carp-teacher-multicrop-pooled", "simclr", "byol", "swav", "mocov2"]
 
 
 def local_kl(logits):
@@ -55,10 +83,10 @@ def local_kl_blocks(logits, partition):
     return (math.log(partition.shape[1]) + (pbar * pbar.log()).sum(-1)).mean().item()
 
 
-def step_on(net, method, xa, xb):
+def step_on(net, method, xa, xb, rows=slice(None)):
     logits = net(torch.cat([xa, xb]))
     la, lb = logits.chunk(2)
-    loss, stats = loss_fn(method, la, lb)
+    loss, stats = loss_fn(method, la, lb, rows)
     loss.backward()
     return loss.detach(), stats, la.detach(), lb.detach()
 
@@ -70,18 +98,16 @@ def _worker(rank, init_file, out_dir):
         xa, xb = make_data()
         lo, hi = rank * B // WORLD, (rank + 1) * B // WORLD
         results = {}
-        for method in ("carl", "carp"):
+        for method in METHODS:
             ddp = nn.parallel.DistributedDataParallel(make_net())
-            loss, stats, la, lb = step_on(ddp, method, xa[lo:hi], xb[lo:hi])
+            loss, stats, la, lb = step_on(ddp, method, xa[lo:hi], xb[lo:hi], slice(lo, hi))
             part = losses.random_partition(K, BLOCK, SEED, STEP)
-            if method == "carl":
-                plain = local_kl(la) + local_kl(lb)
-            else:
-                plain = local_kl_blocks(la, part) + local_kl_blocks(lb, part)
-            results[method] = {
-                "loss": loss, "kl": stats["kl"], "consistency": stats["consistency"], "local_kl": plain,
-                "grads": {n: p.grad.clone() for n, p in ddp.module.named_parameters()},
-            }
+            results[method] = {"loss": loss, "stats": stats,
+                               "grads": {n: p.grad.clone() for n, p in ddp.module.named_parameters()}}
+            if method in ("carl", "carp"):
+                plain = local_kl(la) + local_kl(lb) if method == "carl" else \
+                    local_kl_blocks(la, part) + local_kl_blocks(lb, part)
+                results[method].update(kl=stats["kl"], consistency=stats["consistency"], local_kl=plain)
         # the same DDP step with a plain local batch mean in the KL: gradients must then differ
         real_mean = losses.global_batch_mean
         losses.global_batch_mean = lambda p: p.mean(0)
@@ -112,7 +138,7 @@ def single_process(method):
     return loss, stats, {n: p.grad.clone() for n, p in net.named_parameters()}
 
 
-@pytest.mark.parametrize("method", ["carl", "carp"])
+@pytest.mark.parametrize("method", METHODS)
 def test_ddp_gradients_match_single_process(ddp_results, method):
     _, _, ref_grads = single_process(method)
     for r in range(WORLD):
@@ -121,6 +147,15 @@ def test_ddp_gradients_match_single_process(ddp_results, method):
         for n in ref_grads:
             assert ref_grads[n].abs().max() > 1e-4  # non-trivial gradients
             torch.testing.assert_close(got[n], ref_grads[n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_loss_equals_single_process_for_every_method(ddp_results, method):
+    """Each rank's loss is the mean over its half of per-sample terms that see the global batch: their mean
+    over ranks is the single-process loss."""
+    ref_loss, _, _ = single_process(method)
+    loss = sum(ddp_results[r][method]["loss"].item() for r in range(WORLD)) / WORLD
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["carl", "carp"])

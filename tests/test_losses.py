@@ -310,3 +310,200 @@ def test_partition_identical_in_a_separate_process():
 def test_partition_rejects_non_divisible(k, n_b):
     with pytest.raises(ValueError, match="not divisible"):
         losses.random_partition(k, n_b, seed=0, step=0)
+
+
+# ---------------------------------------------------------------- CARL / CARP over any number of views
+
+def todays_carp_loss(logits_a, logits_b, lam, partition):
+    """losses.carp_loss as it was written before multi-view (the thesis's two views, no teacher), kept here
+    verbatim in substance: the multi-view function must give exactly this."""
+    logits_a, logits_b = logits_a.float(), logits_b.float()
+    logp_a, logp_b = logits_a[:, partition].log_softmax(-1), logits_b[:, partition].log_softmax(-1)
+    cons = 0.5 * losses.consistency(logp_a, logp_b) + 0.5 * losses.consistency(logp_b, logp_a)
+    kl = losses.kl_to_uniform(logp_a.exp()) + losses.kl_to_uniform(logp_b.exp())
+    return cons + lam * kl
+
+
+@pytest.mark.parametrize("k,n_b", [(12, 4), (30, 30)])
+def test_two_views_without_teacher_equal_todays_carp_loss(k, n_b):
+    g = torch.Generator().manual_seed(11)
+    la, lb = torch.randn(9, k, generator=g) * 2, torch.randn(9, k, generator=g) * 2
+    part = losses.random_partition(k, n_b, seed=2, step=3)
+    new, (na, nb) = grads(lambda a, b: losses.assignment_loss([a, b], None, 0.9, part)[0], la, lb)
+    old, (oa, ob) = grads(lambda a, b: todays_carp_loss(a, b, 0.9, part), la, lb)
+    assert new.item() == old.item()  # exactly: the same operations in the same order
+    assert torch.equal(na, oa) and torch.equal(nb, ob)
+
+
+def naive_multiview(student, teacher, lam, partition, pooled):
+    """From the equations: the mean over (student view i, target view j != i) of the block-averaged
+    -log <p_i, q_j>; KL of each student view (or of all views pooled) averaged over blocks."""
+    targets = teacher if teacher is not None else [s.detach() for s in student[:2]]
+    cons, pairs = 0.0, 0
+    for i, s in enumerate(student):
+        for j, t in enumerate(targets):
+            if i == j:
+                continue
+            cons = cons + sum(naive_one_way(s[:, blk], t[:, blk].detach()) for blk in partition) / len(partition)
+            pairs += 1
+    def kl(x):
+        return sum(naive_kl_blocks(x[:, blk]) for blk in partition) / len(partition)
+    if pooled:
+        klv = kl(torch.cat(student + (list(teacher) if teacher is not None else [])))
+    else:
+        klv = sum(kl(s) for s in student)
+    return cons / pairs + lam * klv, pairs
+
+
+def naive_kl_blocks(logits):
+    pbar = logits.softmax(-1).mean(0)
+    return (pbar * (pbar * logits.shape[1]).log()).sum()
+
+
+@pytest.mark.parametrize("teacher,pooled", [(False, False), (True, False), (True, True), (False, True)])
+def test_multiview_loss_matches_the_equations(teacher, pooled):
+    g = torch.Generator().manual_seed(5)
+    student = [torch.randn(6, 12, generator=g) * 2 for _ in range(5)]  # 2 global + 3 local crops
+    teach = [torch.randn(6, 12, generator=g) * 2 for _ in range(2)] if teacher else None
+    part = losses.random_partition(12, 4, seed=0, step=1)
+    ours, ours_g = grads(lambda *s: losses.assignment_loss(list(s), teach, 1.3, part, 2, pooled)[0], *student)
+    ref, ref_g = grads(lambda *s: naive_multiview(list(s), teach, 1.3, part, pooled)[0], *student)
+    assert naive_multiview(student, teach, 1.3, part, pooled)[1] == 8  # 5 x 2 pairs less each global with itself
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(ours_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_published_recipe_pairs_and_pooled_kl():
+    """2 global + 6 local crops against the teacher's 2 global ones: 14 pairs of equal weight; the teacher
+    gets no gradient, and the pooled KL of 8 identical uniform-mean views is 0."""
+    g = torch.Generator().manual_seed(6)
+    student = [torch.randn(4, 8, generator=g).requires_grad_(True) for _ in range(8)]
+    teach = [torch.randn(4, 8, generator=g).requires_grad_(True) for _ in range(2)]
+    whole = torch.arange(8).view(1, -1)
+    loss, stats = losses.assignment_loss(student, teach, 1.0, whole, 2, pooled=True)
+    loss.backward()
+    assert all(t.grad is None for t in teach) and all(s.grad is not None for s in student)
+    expected = sum(naive_one_way(s, teach[j]) for i, s in enumerate(student) for j in range(2) if i != j) / 14
+    assert stats["consistency"].item() == pytest.approx(expected.item(), rel=1e-5)
+    eye = [torch.eye(8) * 40 for _ in range(8)]  # each view spreads the batch of 8 over all 8 prototypes
+    assert losses.assignment_loss(eye, eye[:2], 1.0, whole, 2, pooled=True)[1]["kl"].item() == pytest.approx(0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- SimCLR
+
+def naive_nt_xent(za, zb, t):
+    """SimCLR's eq. 1, anchor by anchor: l(i, j) = -log exp(s_ij / t) / sum_{k != i} exp(s_ik / t), over all 2N."""
+    z = F.normalize(torch.cat([za, zb]), dim=1)
+    n = len(za)
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        sims = [torch.dot(z[i], z[k]) / t for k in range(2 * n) if k != i]
+        total = total - (torch.dot(z[i], z[j]) / t - torch.logsumexp(torch.stack(sims), 0))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("b,d,t", [(4, 8, 0.2), (7, 3, 0.5)])
+def test_nt_xent_matches_the_paper(b, d, t):
+    g = torch.Generator().manual_seed(b)
+    za, zb = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
+    ours, (ga, gb) = grads(lambda x, y: losses.nt_xent(x, y, t)[0], za, zb)
+    ref, (ra, rb) = grads(lambda x, y: naive_nt_xent(x, y, t), za, zb)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(ga, ra, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-6)
+
+
+def test_nt_xent_identical_views_beat_shuffled_ones():
+    z = torch.eye(6)  # orthonormal: an anchor's only similar embedding is its own other view
+    same, stats = losses.nt_xent(z, z.clone(), 0.2)
+    shuffled, _ = losses.nt_xent(z, z[torch.tensor([1, 2, 3, 4, 5, 0])], 0.2)
+    # identical: -log e^(1/t) / (e^(1/t) + 2N - 2), exactly
+    assert same.item() == pytest.approx(-math.log(math.exp(5) / (math.exp(5) + 10)), rel=1e-5)
+    assert stats["pos_top1"].item() == 1.0
+    assert shuffled.item() > same.item() + 4
+
+
+# ---------------------------------------------------------------- BYOL
+
+def test_byol_loss_matches_the_paper_and_stops_the_target_gradient():
+    g = torch.Generator().manual_seed(7)
+    pa, pb, za, zb = (torch.randn(5, 6, generator=g) for _ in range(4))
+    ours, (gpa, gpb, gza, gzb) = grads(lambda *x: losses.byol_loss(*x)[0], pa, pb, za, zb)
+    def nmse(p, z):  # ||p / |p| - z / |z| ||^2, the paper's eq. 2
+        return ((p / p.norm(dim=1, keepdim=True) - z.detach() / z.detach().norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
+    ref, (rpa, rpb, _, _) = grads(lambda a, b, c, d: nmse(a, d) + nmse(b, c), pa, pb, za, zb)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(gpa, rpa, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gpb, rpb, rtol=1e-4, atol=1e-6)
+    assert not gza.any() and not gzb.any()  # the targets receive no gradient
+    assert losses.byol_loss(za, zb, zb * 3, za * 2)[0].item() == pytest.approx(0, abs=1e-6)  # aligned: 0
+
+
+# ---------------------------------------------------------------- SwAV
+
+def naive_sinkhorn(scores, eps, iters):
+    q = (scores.double() / eps).exp().T  # (K, N)
+    q = q / q.sum()
+    k, n = q.shape
+    for _ in range(iters):
+        for r in range(k):
+            q[r] = q[r] / q[r].sum() / k
+        for c in range(n):
+            q[:, c] = q[:, c] / q[:, c].sum() / n
+    return (q * n).T.float()
+
+
+def test_sinkhorn_matches_the_algorithm_and_balances_the_prototypes():
+    g = torch.Generator().manual_seed(8)
+    scores = F.normalize(torch.randn(40, 5, generator=g), dim=1)  # cosines, as SwAV's
+    q = losses.sinkhorn(scores)
+    torch.testing.assert_close(q, naive_sinkhorn(scores, 0.05, 3), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q.sum(1), torch.ones(40))  # each sample's code is a distribution
+    # each prototype's share approaches N / K as the iterations go on, and is exact in the limit
+    spread = [(losses.sinkhorn(scores, iters=n).sum(0) - 40 / 5).abs().sum().item() for n in (0, 1, 3, 10, 30)]
+    assert all(a > b for a, b in zip(spread, spread[1:])), spread
+    exact = losses.sinkhorn(scores, iters=300)
+    torch.testing.assert_close(exact.sum(0), torch.full((5,), 8.0), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(losses.sinkhorn(torch.zeros(6, 3)), torch.full((6, 3), 1 / 3))
+
+
+def test_swav_loss_matches_the_paper():
+    g = torch.Generator().manual_seed(9)
+    scores = [F.normalize(torch.randn(8, 4, generator=g), dim=1) for _ in range(3)]  # 2 global + 1 local crop
+    bank = F.normalize(torch.randn(16, 4, generator=g), dim=1)
+
+    def ref(*s, bank=None):
+        total = 0.0
+        for i in range(2):
+            rows = torch.cat([bank, s[i].detach()]) if bank is not None else s[i].detach()
+            q = naive_sinkhorn(rows, 0.05, 3)[-8:]
+            total = total + sum(-(q * (s[v] / 0.1).log_softmax(1)).sum(1).mean() for v in range(3) if v != i)
+        return total / 4
+    for b in (None, bank):
+        ours, ours_g = grads(lambda *s: losses.swav_loss(list(s), 0.1, 2, b)[0], *scores)
+        theirs, theirs_g = grads(lambda *s: ref(*s, bank=b), *scores)
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-4)
+        for a, c in zip(ours_g, theirs_g):
+            torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-6)
+    assert losses.swav_loss(scores, 0.1, 2, bank)[0].item() != pytest.approx(losses.swav_loss(scores, 0.1)[0].item())
+
+
+# ---------------------------------------------------------------- MoCo v2
+
+def test_moco_loss_matches_the_paper_and_stops_the_key_gradient():
+    g = torch.Generator().manual_seed(10)
+    qa, qb, ka, kb = (torch.randn(4, 6, generator=g) for _ in range(4))
+    queue = F.normalize(torch.randn(10, 6, generator=g), dim=1)
+
+    def info_nce(q, k):  # eq. 1 of MoCo: -log exp(q.k+ / t) / (exp(q.k+ / t) + sum exp(q.k- / t))
+        q, k = F.normalize(q, dim=1), F.normalize(k.detach(), dim=1)
+        return sum(-((q[i] @ k[i]) / 0.2 - torch.logsumexp(torch.cat([(q[i] @ k[i]).view(1), queue @ q[i]]) / 0.2, 0))
+                   for i in range(len(q))) / len(q)
+    ours, (gqa, gqb, gka, gkb) = grads(lambda *x: losses.moco_loss(*x, queue, 0.2)[0], qa, qb, ka, kb)
+    ref, (rqa, rqb, _, _) = grads(lambda a, b, c, d: 0.5 * (info_nce(a, d) + info_nce(b, c)), qa, qb, ka, kb)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(gqa, rqa, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gqb, rqb, rtol=1e-4, atol=1e-6)
+    assert not gka.any() and not gkb.any()  # the key encoder's output takes no gradient

@@ -1,4 +1,5 @@
-"""AssignmentModel (model.py): shapes, stems, heads, assigners, channels_last, backbone export."""
+"""model.py: shapes, stems, heads, each method's last part, channels_last, backbone export, the EMA teacher,
+the queue."""
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ def layer4_shape(m, x):
 
     h = m.backbone.layer4.register_forward_hook(hook)
     try:
-        y = m(x)
+        y = m([x])[1][0]
     finally:
         h.remove()
     return y, out["s"]
@@ -32,13 +33,15 @@ def tv_resnet(arch, cifar_stem):
 @pytest.mark.parametrize("method", ["carl", "carp"])
 def test_resnet18_cifar_stem_32px_shapes(method):
     torch.manual_seed(0)
-    m = models.AssignmentModel(method, "resnet18", cifar_stem=True, num_prototypes=37)
+    m = models.Model(method, "resnet18", cifar_stem=True, num_prototypes=37)
     x = torch.randn(4, 3, 32, 32)
     logits, s4 = layer4_shape(m, x)  # train mode (BatchNorm with a batch of 4)
     assert logits.shape == (4, 37)
     assert s4 == (4, 512, 4, 4)  # stride 8 overall: no stride-2 conv1 and no max-pool
     assert m.backbone(x).shape == (4, 512)
     assert m.head(m.backbone(x)).shape == (4, 128)
+    z, out = m([x, x[:, :, :16, :16], x[:, :, :16, :16]])  # a global view and two local ones
+    assert [tuple(t.shape) for t in z] == [(4, 128)] * 3 and [tuple(t.shape) for t in out] == [(4, 37)] * 3
     assert m.backbone.conv1.kernel_size == (3, 3) and m.backbone.conv1.stride == (1, 1)
     assert isinstance(m.backbone.maxpool, nn.Identity)
     assert isinstance(m.backbone.fc, nn.Identity)
@@ -47,7 +50,7 @@ def test_resnet18_cifar_stem_32px_shapes(method):
 def imagenet_stem_224px(method, arch, num_prototypes, batch):
     """(model, logits, layer4 output shape) of an eval-mode model without the CIFAR stem at 224 px."""
     torch.manual_seed(0)
-    m = models.AssignmentModel(method, arch, cifar_stem=False, num_prototypes=num_prototypes).eval()
+    m = models.Model(method, arch, cifar_stem=False, num_prototypes=num_prototypes).eval()
     with torch.no_grad():
         logits, s4 = layer4_shape(m, torch.randn(batch, 3, 224, 224))
     return m, logits, s4
@@ -67,49 +70,49 @@ def test_resnet50_224px_shapes_and_widths():
     assert s4 == (1, 2048, 7, 7)
     linears = [mod for mod in m.head if isinstance(mod, nn.Linear)]
     assert [(l.in_features, l.out_features) for l in linears] == [(2048, 2048), (2048, 2048), (2048, 128)]
-    assert m.assigner[0].in_features == 128 and m.assigner[0].out_features == 2048
+    assert m.out[0].in_features == 128 and m.out[0].out_features == 2048
 
 
 def test_unknown_arch_and_method_raise():
     with pytest.raises(ValueError, match="arch"):
-        models.AssignmentModel("carl", "resnet34")
+        models.Model("carl", "resnet34")
     with pytest.raises(ValueError, match="method"):
-        models.AssignmentModel("simclr", "resnet18")
+        models.Model("dino", "resnet18")
 
 
 @pytest.mark.parametrize("method", ["carl", "carp"])
 def test_channels_last(method):
     torch.manual_seed(0)
-    m = models.AssignmentModel(method, "resnet18", True, 20).eval()
+    m = models.Model(method, "resnet18", True, 20).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        ref = m(x)
+        ref = m([x])[1][0]
         m = m.to(memory_format=torch.channels_last)
         convs = [p for p in m.parameters() if p.ndim == 4]
         assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
         assert not all(p.is_contiguous() for p in convs)  # really changed layout (C > 1)
-        out = m(x.to(memory_format=torch.channels_last))
+        out = m([x.to(memory_format=torch.channels_last)])[1][0]
     assert out.shape == (2, 20)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     # and a training step works in channels_last
     m.train()
-    loss = m(torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)).logsumexp(1).mean()
+    loss = m([torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)])[1][0].logsumexp(1).mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
 def test_carl_assigner_is_one_linear():
-    m = models.AssignmentModel("carl", "resnet18", True, 100)
-    assert type(m.assigner) is nn.Linear
-    assert (m.assigner.in_features, m.assigner.out_features) == (128, 100)
-    assert m.assigner.weight.shape == (100, 128)  # K prototype rows
-    assert m.assigner.bias is None  # thesis eq. 5.2: q_j = <z, c_j>
+    m = models.Model("carl", "resnet18", True, 100)
+    assert type(m.out) is nn.Linear and m.prototypes is m.out
+    assert (m.out.in_features, m.out.out_features) == (128, 100)
+    assert m.out.weight.shape == (100, 128)  # K prototype rows
+    assert m.out.bias is None  # thesis eq. 5.2: q_j = <z, c_j>
 
 
 def test_carp_assigner_is_mlp_with_batchnorm():
-    m = models.AssignmentModel("carp", "resnet18", True, 250)
-    a = m.assigner
-    assert isinstance(a, nn.Sequential)
+    m = models.Model("carp", "resnet18", True, 250)
+    a = m.out
+    assert isinstance(a, nn.Sequential) and m.prototypes is a[-1]
     kinds = [type(mod) for mod in a]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert (a[0].in_features, a[0].out_features) == (128, 512)
@@ -118,7 +121,7 @@ def test_carp_assigner_is_mlp_with_batchnorm():
 
 
 def test_projection_head_resnet18():
-    m = models.AssignmentModel("carl", "resnet18", True, 10)
+    m = models.Model("carl", "resnet18", True, 10)
     kinds = [type(mod) for mod in m.head]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     linears = [mod for mod in m.head if isinstance(mod, nn.Linear)]
@@ -129,7 +132,7 @@ def test_projection_head_resnet18():
 @pytest.mark.parametrize("cifar_stem", [True, False])
 def test_backbone_state_dict_loads_into_torchvision(cifar_stem):
     torch.manual_seed(0)
-    m = models.AssignmentModel("carp", "resnet18", cifar_stem, 20).eval()
+    m = models.Model("carp", "resnet18", cifar_stem, 20).eval()
     sd = m.backbone.state_dict()
     tv = tv_resnet("resnet18", cifar_stem)
     res = tv.load_state_dict(sd, strict=False)
@@ -153,16 +156,108 @@ def test_backbone_state_dict_loads_into_torchvision(cifar_stem):
 @pytest.mark.parametrize("method", ["carl", "carp"])
 def test_proto_init_gain_scales_only_the_prototypes(method):
     torch.manual_seed(0)
-    base = models.AssignmentModel(method, "resnet18", True, 30)
+    base = models.Model(method, "resnet18", True, 30)
     torch.manual_seed(0)
-    scaled = models.AssignmentModel(method, "resnet18", True, 30, proto_init_gain=4.0)
-    protos = (lambda m: m.assigner if method == "carl" else m.assigner[-1])
+    scaled = models.Model(method, "resnet18", True, 30, proto_init_gain=4.0)
+    protos = (lambda m: m.prototypes)
     assert torch.allclose(protos(scaled).weight, 4.0 * protos(base).weight)
     if method == "carp":  # CARL's prototypes have no bias
         assert torch.allclose(protos(scaled).bias, 4.0 * protos(base).bias)
-    others = [k for k in base.state_dict() if not k.startswith("assigner")]
+    others = [k for k in base.state_dict() if not k.startswith("out")]
     assert all(torch.equal(base.state_dict()[k], scaled.state_dict()[k]) for k in others)
     x = torch.randn(8, 3, 32, 32)
     base.eval(), scaled.eval()
     with torch.no_grad():  # the prototypes are the last layer: the logits scale by the gain
-        assert torch.allclose(scaled(x), 4.0 * base(x), atol=1e-5)
+        assert torch.allclose(scaled([x])[1][0], 4.0 * base([x])[1][0], atol=1e-5)
+
+
+# ---------------------------------------------------------------- the other methods' last parts
+
+@pytest.mark.parametrize("method,out_dim", [("simclr", 128), ("mocov2", 128), ("byol", 128), ("swav", 30)])
+def test_baselines_last_parts(method, out_dim):
+    torch.manual_seed(0)
+    m = models.Model(method, "resnet18", True, 30)
+    z, out = m([torch.randn(4, 3, 16, 16)] * 2)
+    assert [tuple(t.shape) for t in z] == [(4, 128)] * 2 and [tuple(t.shape) for t in out] == [(4, out_dim)] * 2
+    if method in ("simclr", "mocov2"):  # the loss takes z itself
+        assert isinstance(m.out, nn.Identity) and torch.equal(z[0], out[0]) and m.prototypes is None
+    if method == "byol":  # thesis 5.8.5: the predictor has the projection head's shape
+        assert [type(l) for l in m.out] == [type(l) for l in m.head]
+        assert [(l.in_features, l.out_features) for l in m.out if isinstance(l, nn.Linear)] == \
+            [(128, 512), (512, 512), (512, 128)]
+    if method == "swav":  # scores of the unit embedding against unit prototypes: cosines
+        assert torch.allclose(z[0].norm(dim=1), torch.ones(4), atol=1e-5)
+        assert torch.allclose(m.prototypes.weight.norm(dim=1), torch.ones(30), atol=1e-5)
+        assert out[0].abs().max() <= 1 + 1e-5 and m.prototypes.bias is None
+
+
+@pytest.mark.parametrize("method", ["carl", "carp"])
+def test_published_head_and_unit_prototypes(method):
+    torch.manual_seed(0)
+    m = models.Model(method, "resnet18", True, 40, head="neurips23", prototypes="unit")
+    assert [type(l) for l in m.head] == [nn.Linear, nn.BatchNorm1d, nn.GELU] * 2 + [nn.Linear]
+    assert [(l.in_features, l.out_features) for l in m.head if isinstance(l, nn.Linear)] == \
+        [(512, 2048), (2048, 2048), (2048, 256)]
+    assert m.out is m.prototypes and isinstance(m.out, models.UnitPrototypes)  # the head ends in the prototypes
+    x = torch.randn(4, 3, 16, 16)
+    z, out = m([x])
+    # logits are <z, c / |c|>: each at most |z|, and scaling a prototype's weights changes nothing
+    torch.testing.assert_close(out[0], z[0] @ torch.nn.functional.normalize(m.prototypes.weight, dim=1).T)
+    assert (out[0].abs() <= z[0].norm(dim=1, keepdim=True) + 1e-4).all()
+    with torch.no_grad():
+        m.prototypes.weight[:5] *= 7.0
+    torch.testing.assert_close(m([x])[1][0], out[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- EMA teacher and queue
+
+def test_ema_teacher_update_and_no_gradient():
+    torch.manual_seed(0)
+    student = models.Model("byol", "resnet18", True)
+    teacher = models.EMATeacher(student)
+    assert all(not p.requires_grad for p in teacher.net.parameters())
+    before = [p.clone() for p in teacher.net.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.update(student, 0.75)
+    for t, b, s in zip(teacher.net.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.75 * b + 0.25 * s)  # m * teacher + (1 - m) * student
+    z, _ = teacher([torch.randn(4, 3, 16, 16)])
+    assert not z[0].requires_grad  # no graph: nothing can reach the teacher's weights
+    teacher.update(student, 1.0)  # momentum 1: frozen
+    teacher.update(student, 0.0)  # momentum 0: a copy of the student
+    assert all(torch.equal(t, s) for t, s in zip(teacher.net.parameters(), student.parameters()))
+
+
+def test_teacher_bn_groups_normalise_shuffled_subsets():
+    """MoCo's shuffled BN: each group of the shuffled batch is normalised on its own, then put back in order."""
+    torch.manual_seed(0)
+    student = models.Model("mocov2", "resnet18", True)
+    x = torch.randn(8, 3, 16, 16)
+    grouped = models.EMATeacher(student, bn_group=4)
+    z, _ = grouped([x], seed=3)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    by_hand = torch.empty(8, 128)
+    for idx in order.split(4):
+        by_hand[idx] = grouped.net([x[idx]])[0][0]
+    torch.testing.assert_close(z[0], by_hand)
+    whole, _ = models.EMATeacher(student)([x])
+    assert not torch.allclose(z[0], whole[0], atol=1e-3)  # the statistics really differ from the whole batch's
+    assert torch.equal(grouped([x], seed=3)[0][0], z[0]) and not torch.equal(grouped([x], seed=4)[0][0], z[0])
+
+
+def test_queue_keeps_the_last_rows():
+    q = models.Queue(6, 2, "cpu")
+    assert not q.full and q.filled == 0
+    for i in range(4):  # 4 pushes of 2 rows: the first is overwritten by the fourth
+        q.push(torch.full((2, 2), float(i)))
+    assert q.full and sorted(q.rows[:, 0].tolist()) == [1, 1, 2, 2, 3, 3]
+    state = q.state_dict()
+    r = models.Queue(6, 2, "cpu")
+    r.load_state_dict(state)
+    r.push(torch.full((2, 2), 9.0))
+    q.push(torch.full((2, 2), 9.0))
+    assert torch.equal(r.rows, q.rows) and r.ptr == q.ptr
+    moco = models.Queue(8, 4, "cpu", random_fill_seed=0)  # MoCo starts full of random unit keys
+    assert moco.full and torch.allclose(moco.rows.norm(dim=1), torch.ones(8))

@@ -1,0 +1,137 @@
+"""Every method end to end on the built-in synthetic dataset (CPU): SimCLR, BYOL, SwAV (with its queue) and
+MoCo v2 beside CARL and CARP with an EMA teacher and multi-crop (the published recipe's parts). Each trains 2
+epochs without NaN with the kNN monitor on, continues after SIGTERM to the same final weights (teacher and queue
+included) as an uninterrupted run, exports a backbone.pt that loads into torchvision, and evaluates.
+
+Run size as tests/test_train.py's (120 images, batch 32, 16 px, 3 steps/epoch); local crops 8 px."""
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import evaluate
+import model as models
+import train
+from test_faults import stop_at
+from test_train import BASE, assert_same_weights, load, read_log, run_main
+
+KNN = ["--knn-every", "1", "--knn-train-subset", "50", "--knn-test-subset", "20"]
+RUNS = {
+    "simclr": ["--method", "simclr"],
+    "byol": ["--method", "byol"],
+    "swav": ["--method", "swav", "--num-prototypes", "30", "--queue-size", "128", "--local-crops", "2"],
+    "mocov2": ["--method", "mocov2", "--queue-size", "128"],
+    "carl-teacher": ["--method", "carl", "--teacher", "ema", "--local-crops", "2"],
+    "carp-neurips23": ["--method", "carp", "--recipe", "neurips23", "--num-prototypes", "100", "--block-size", "25",
+                       "--local-crops", "2"],
+}
+HAS = {"simclr": (), "byol": ("teacher",), "swav": ("queue",), "mocov2": ("teacher", "queue"),
+       "carl-teacher": ("teacher",), "carp-neurips23": ("teacher",)}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def method_run(request, tmp_path_factory):
+    name = request.param
+    out = str(tmp_path_factory.mktemp(name) / "run")
+    run_main([*RUNS[name], *BASE, *KNN, "--out-dir", out])
+    return name, out
+
+
+def test_trains_two_epochs_and_exports_a_torchvision_backbone(method_run):
+    name, out = method_run
+    log = read_log(out)
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(6))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert [r["epoch"] for r in log if "knn_top1" in r] == [0, 1, 2]  # the monitor before, after each epoch
+    ckpt = load(os.path.join(out, "run.pt"))
+    for part in ("teacher", "queue"):
+        assert (ckpt[part] is not None) == (part in HAS[name]), part
+    if "teacher" in HAS[name]:  # the teacher moved with the student, but is not the student
+        w = "backbone.conv1.weight"
+        assert not torch.equal(ckpt["teacher"][w], ckpt["model"][w])
+        torch.manual_seed(0)
+        assert not torch.equal(ckpt["teacher"][w], models.build_backbone("resnet18", True)[0].conv1.weight)
+    sd = load(os.path.join(out, "backbone.pt"))
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    res = net.load_state_dict(sd, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    assert all(torch.equal(v, ckpt["model"][f"backbone.{k}"]) for k, v in sd.items())  # the online network's
+
+
+def test_sigterm_then_the_same_command_matches_an_uninterrupted_run(method_run, tmp_path, monkeypatch, capsys):
+    name, reference = method_run
+    argv = [*RUNS[name], *BASE, "--out-dir", str(tmp_path / "run")]  # the kNN monitor changes no weight
+    stop_at(monkeypatch, 3)  # epoch 1, its first step
+    with pytest.raises(SystemExit) as e:
+        run_main(argv)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert load(tmp_path / "run" / "run.pt")["step"] == 4
+    monkeypatch.undo()
+    run_main(argv)
+    assert "continuing" in capsys.readouterr().out
+    assert_same_weights(os.path.join(reference, "run.pt"), tmp_path / "run" / "run.pt")
+    assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == list(range(6))
+
+
+def test_evaluate_reads_the_checkpoint(method_run):
+    name, out = method_run
+    results = evaluate.main(["--ckpt", os.path.join(out, "run.pt"), "--protocol", "knn", "--knn-k", "20",
+                             "--train-subset", "50", "--test-subset", "20", "--workers", "0"])
+    (_, row, top1, top5), = results
+    assert row == "knn k=20" and 0 <= top1 <= top5 <= 100
+
+
+def test_workers_loader_makes_the_local_crops_and_continues(tmp_path, monkeypatch):
+    """PIL views in DataLoader workers: 2 global + 2 local crops a step, the teacher's state carried over a stop."""
+    argv = [*RUNS["carp-neurips23"], *BASE, "--loader", "workers", "--workers", "1"]
+    run_main([*argv, "--out-dir", str(tmp_path / "full")])
+    stop_at(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        run_main([*argv, "--out-dir", str(tmp_path / "split")])
+    monkeypatch.undo()
+    run_main([*argv, "--out-dir", str(tmp_path / "split")])
+    assert_same_weights(tmp_path / "full" / "run.pt", tmp_path / "split" / "run.pt")
+
+
+def test_swav_prototypes_frozen_for_the_first_epoch_and_kept_on_the_sphere(tmp_path):
+    argv = [*RUNS["swav"], *BASE, "--out-dir", str(tmp_path / "r")]
+    run_main([*argv, "--until-epoch", "1"])
+    torch.manual_seed(0)
+    init = models.Model("swav", "resnet18", True, 30).prototypes.weight
+    after_one = load(tmp_path / "r" / "run.pt")["model"]["out.weight"]
+    torch.testing.assert_close(after_one, init, rtol=0, atol=1e-6)  # epoch 0: no update (but the normalising's rounding)
+    run_main(argv)
+    after_two = load(tmp_path / "r" / "run.pt")["model"]["out.weight"]
+    assert (after_two - init).abs().max() > 1e-5  # learning from epoch 1 on (LARC's steps are small: lr x 0.001)
+    torch.testing.assert_close(after_two.norm(dim=1), torch.ones(30))
+
+
+def test_export_teacher_and_bf16(tmp_path):
+    """--export-teacher: backbone.pt holds the EMA teacher's backbone. Under bf16 autocast a teacher method
+    trains and its losses stay float32 and finite."""
+    run_main([*RUNS["byol"], *BASE, "--epochs", "1", "--amp", "bf16", "--export-teacher", "--out-dir", str(tmp_path)])
+    ckpt, sd = load(tmp_path / "run.pt"), load(tmp_path / "backbone.pt")
+    assert all(torch.equal(v, ckpt["teacher"][f"backbone.{k}"]) for k, v in sd.items())
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path) if "loss" in r)
+
+
+def test_teacher_receives_no_gradient_and_follows_the_schedule(monkeypatch):
+    """One real step of BYOL: no teacher weight has a gradient, and the teacher is m * teacher + (1 - m) *
+    student with m from the per-step cosine (0.99 at the first step)."""
+    args = train.parse_args([*RUNS["byol"], *BASE])
+    train.resolve_speed_flags(args, torch.device("cpu"))
+    run = train.build_run(args, torch.device("cpu"), 1, steps_per_epoch=3)
+    before = [p.clone() for p in run.teacher.net.parameters()]
+    views = [torch.randn(32, 3, 16, 16), torch.randn(32, 3, 16, 16)]
+    now = {k: float(v[0]) for k, v in run.schedules.items()}
+    assert now["momentum"] == pytest.approx(0.99) and run.schedules["momentum"][-1] == pytest.approx(1.0)
+    train.train_step(run, views, now, 0)
+    assert all(p.grad is None for p in run.teacher.net.parameters())
+    for t, b, s in zip(run.teacher.net.parameters(), before, run.model.parameters()):
+        torch.testing.assert_close(t, 0.99 * b + 0.01 * s)
