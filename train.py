@@ -236,7 +236,7 @@ def setup_distributed():
         device = torch.device("cpu")
     # torchrun's agent hosts one TCPStore for all its worker restarts (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
     # and the process group's keys (each rank's gloo address, NCCL's id) stay in it: a restarted rank can read its
-    # peer's dead address from the last attempt and fail (Connection refused) or wait. Keys under a prefix per
+    # peer's dead address from the last attempt and fail (Connection refused) or hang. Keys under a prefix per
     # attempt are never stale; the world size is in it as a joining node restarts workers without a new count.
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}-world{world}"

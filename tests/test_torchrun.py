@@ -61,8 +61,9 @@ def test_torchrun_two_processes(ddp_reference):
     assert [r["epoch"] for r in log if "knn_top1" in r] == [0, 1, 2]  # rank 1 waited for each
 
 
-# A restarted worker used to read the previous attempt's gloo addresses from the store the agent shares
-# (its default) and fail to connect or hang; the kNN monitor on and off, as it adds a barrier.
+# Without a store prefix per attempt (train.setup_distributed), a restarted worker could read the last
+# attempt's gloo addresses from the store torchrun's agent shares by default, and fail or hang. The kNN
+# monitor on and off: it adds a barrier.
 @pytest.mark.parametrize("rdzv,share_store,knn", [("standalone", True, True), ("standalone", True, False),
                                                   ("c10d", True, False), ("c10d", False, True)],
                          ids=["standalone-knn", "standalone-no-knn", "c10d-no-knn", "c10d-own-store-knn"])
