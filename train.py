@@ -456,16 +456,20 @@ def setup_distributed():
     without a GPU sync."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
-        print("warning: a torchrun restart sharing its rendezvous store may hang here on stale keys (PyTorch issue "
-              "135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun", flush=True)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # torchrun's agent hosts one TCPStore for all its worker restarts (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
+    # and the process group's keys (each rank's gloo address, NCCL's id) stay in it: a restarted rank can read its
+    # peer's dead address from the last attempt and fail (Connection refused) or hang. Keys under a prefix per
+    # attempt are never stale; the world size is in it as a joining node restarts workers without a new count.
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}-world{world}"
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(attempt, store),
+                            rank=rank, world_size=world)
     control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     return dist.get_rank(), dist.get_world_size(), device, control
 

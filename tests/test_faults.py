@@ -1,10 +1,10 @@
-"""What clusters do to runs, on CPU: preemption signals, mid-epoch checkpoints, a worker killed under
-torchrun, unreadable images, a data directory that changed, a checkpoint write that fails. Each
-interrupted run must end with the same weights as an uninterrupted one, every step logged once."""
+"""What clusters do to runs, on CPU: preemption signals, mid-epoch checkpoints, unreadable images, a
+data directory that changed, a checkpoint write that fails (a worker killed under torchrun: see
+test_torchrun.py). Each interrupted run must end with the same weights as an uninterrupted one, every
+step logged once."""
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +19,7 @@ from test_train import CARL, assert_same_weights, fingerprint, load, read_log, r
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-STARTED = []  # subprocesses this module started
+STARTED = []  # subprocesses this module and test_torchrun started
 
 
 @pytest.fixture(autouse=True)
@@ -223,32 +223,6 @@ def test_changed_data_dir_is_refused(tmp_path):
         run_main(argv)
 
 
-# ---------------------------------------------------------------- torchrun (2 CPU processes, gloo)
-
-DDP = ["--method", "carp", "--num-prototypes", "40", "--block-size", "10", "--dataset", "synthetic",
-       "--train-subset", "200", "--batch-size", "16", "--image-size", "16", "--workers", "0", "--epochs", "3",
-       "--log-every", "1", "--knn-every", "1", "--knn-train-subset", "100", "--knn-test-subset", "50"]
-STEPS = 3 * (200 // 16)  # 12 steps per epoch, 36 in all
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args, restarts=0):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # see README: restarts read stale keys otherwise
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-           f"--max-restarts={restarts}", "--monitor-interval=0.1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "train.py", *args]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    STARTED.append(p)
-    return p
-
-
 def workers_of(pid):
     """The pids of the processes `pid` started (torchrun's workers), from /proc."""
     children = []
@@ -262,60 +236,3 @@ def workers_of(pid):
             if int(fields[1]) == pid:  # the parent pid
                 children.append(int(entry))
     return sorted(children)
-
-
-@pytest.fixture(scope="module")
-def ddp_reference(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ddp") / "run")
-    p = torchrun([*DDP, "--out-dir", out])
-    text = p.communicate(timeout=300)[0]
-    assert p.returncode == 0, text
-    return out, text
-
-
-def test_torchrun_two_processes(ddp_reference):
-    out, text = ddp_reference
-    assert "2 process(es)" in text
-    assert load(os.path.join(out, "run.pt"))["step"] == STEPS
-    log = read_log(out)
-    assert [r["step"] for r in log if "loss" in r] == list(range(STEPS))  # rank 0 alone writes the log
-    assert [r["epoch"] for r in log if "knn_top1" in r] == [0, 1, 2, 3]  # rank 1 waited for each
-
-
-def test_torchrun_restarts_a_killed_worker(tmp_path, ddp_reference):
-    out = str(tmp_path / "run")
-    p = torchrun([*DDP, "--out-dir", out], restarts=1)
-    wait_for_step(out, STEPS // 3 + 1, p)  # epoch 1 under way: epoch 0's run.pt is written
-    os.kill(workers_of(p.pid)[0], signal.SIGKILL)  # the first started: rank 0, the one that writes run.pt
-    text = p.communicate(timeout=300)[0]
-    assert p.returncode == 0, text
-    resumed = [line for line in text.splitlines() if line.startswith("continuing")]
-    assert len(resumed) == 1 and f"at step {STEPS // 3} of {STEPS}" in resumed[0], text
-    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(STEPS))  # each step logged once
-    assert_same_weights(os.path.join(ddp_reference[0], "run.pt"), os.path.join(out, "run.pt"))
-
-
-def test_torchrun_ranks_agree_on_the_stop_step(tmp_path, ddp_reference):
-    """SIGTERM to one worker only: both ranks stop after the same step (otherwise DDP would hang or
-    fail), rank 0 writes run.pt there, torchrun restarts them and the run ends as an uninterrupted one."""
-    out = str(tmp_path / "run")
-    p = torchrun([*DDP, "--out-dir", out], restarts=1)
-    wait_for_step(out, STEPS // 3 + 2, p)
-    os.kill(workers_of(p.pid)[-1], signal.SIGTERM)
-    text = p.communicate(timeout=300)[0]
-    assert p.returncode == 0, text
-    stopped = [line for line in text.splitlines() if line.startswith("stopped by SIGTERM after step")]
-    assert len(stopped) == 1, text
-    step = int(stopped[0].split()[5])
-    assert f"continuing {os.path.join(out, 'run.pt')} at step {step} of {STEPS}" in text
-    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(STEPS))
-    assert_same_weights(os.path.join(ddp_reference[0], "run.pt"), os.path.join(out, "run.pt"))
-
-
-def test_torchrun_batch_not_divisible_by_world(tmp_path):
-    p = torchrun(["--method", "carl", "--dataset", "synthetic", "--batch-size", "33", "--workers", "0",
-                  "--out-dir", str(tmp_path / "r")])
-    text = p.communicate(timeout=120)[0]
-    assert p.returncode != 0
-    assert "--batch-size 33 is not divisible by the 2 processes" in text
-    assert not (tmp_path / "r").exists()
