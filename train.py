@@ -337,6 +337,10 @@ def resolve_views_and_teacher(args, method, given):
         args.local_scale = tuple(args.local_scale or (0.05, 0.2))
         if not 0 < args.local_scale[0] < args.local_scale[1] <= 1:
             fail(f"--local-scale {args.local_scale[0]:g} {args.local_scale[1]:g} must satisfy 0 < A < B <= 1")
+        stride = 8 if args.cifar_stem else 32  # smaller crops reach layer4's stride-2 convs as 1x1 maps (and, on
+        if args.local_size < stride:  # CPUs, bf16 gave NaN gradients there: RESULTS.md, "What was found")
+            fail(f"--local-size {args.local_size} is below the network's stride ({stride} px with the "
+                 f"{'cifar' if args.cifar_stem else 'imagenet'} stem)")
     elif args.local_size is not None or args.local_scale is not None:
         fail("--local-size and --local-scale shape local crops: give --local-crops N too")
     if method.teacher == "ema" and args.teacher != "ema":
@@ -590,11 +594,17 @@ def pretrain_batches(args, source, batches, rank, device):
     loader = torch.utils.data.DataLoader(data.SeededViews(source, view_pipeline(args, batched=False), args.seed),
                                          batch_sampler=batches, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    stream = iter(loader)
     try:
-        for views in loader:
+        for views in stream:
             yield [v.to(device, non_blocking=True) for v in views]
+        return
     except data.BadImageError as e:  # raised in a worker, its message ends with ours; run.pt stays as it was
-        fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1])
+        message = str(e).strip().splitlines()[-1].split("BadImageError: ")[-1]
+        e.__traceback__ = None  # its frames hold the loader (in a reference cycle only the garbage collector frees)
+    # The workers shut down now: they ignore SIGTERM, so a process exiting with them alive waits for them forever.
+    del stream
+    fail(message)
 
 
 # ---------------------------------------------------------------- one step
@@ -804,9 +814,10 @@ def find_checkpoint(args, world, control):
 
 
 def pretrain(args, stop_signal):
-    rank, world, device, control = setup_distributed()
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; checked before any process group waits for peers
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    rank, world, device, control = setup_distributed()
     ckpt, resume_from = find_checkpoint(args, world, control)
     if ckpt is not None and ckpt["epoch"] >= (args.until_epoch or args.epochs):
         if rank == 0:

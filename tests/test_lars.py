@@ -157,7 +157,7 @@ def test_param_groups_splits_1d_params():
 def test_param_groups_on_assignment_model_cover_every_param_once():
     import model as models
 
-    m = models.AssignmentModel("carp", "resnet18", True, 20)
+    m = models.Model("carp", "resnet18", True, 20)
     decay, excl = lars.param_groups(m)
     all_ids = [id(p) for p in m.parameters()]
     got = [id(p) for p in decay["params"]] + [id(p) for p in excl["params"]]

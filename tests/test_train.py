@@ -1,7 +1,7 @@
 """train.py end to end on the built-in synthetic dataset (CPU): outputs, loss, schedules, thesis
 defaults, continuing runs, bad inputs.
 
-Run size: --train-subset 120 (12 per class), --batch-size 32, 16 px, 2 epochs (3 steps/epoch),
+Run size: --train-subset 120 (12 per class), --batch-size 32, 8 px, 2 epochs (3 steps/epoch),
 every step logged, kNN monitor off unless tested. The CARL and CARP runs are module fixtures and
 double as the uninterrupted references of the resume tests. Faults a cluster causes (signals,
 killed workers, bad data, failed writes) are in test_faults.py.
@@ -22,7 +22,7 @@ import data
 import model as models
 import train
 
-BASE = ["--dataset", "synthetic", "--train-subset", "120", "--batch-size", "32", "--image-size", "16",
+BASE = ["--dataset", "synthetic", "--train-subset", "120", "--batch-size", "32", "--image-size", "8",
         "--workers", "0", "--epochs", "2", "--log-every", "1", "--knn-every", "0"]
 CARL = ["--method", "carl", *BASE]
 CARP = ["--method", "carp", "--num-prototypes", "100", "--block-size", "25", *BASE]
@@ -464,6 +464,8 @@ def assert_untouched(d, fp):
     (["--method", "carl", "--global-crops", "1"], r"--global-crops must be 2 or more"),
     (["--method", "carl", "--local-size", "8"], r"--local-size and --local-scale shape local crops: give --local-crops"),
     (["--method", "carl", "--local-crops", "2", "--local-scale", "0.5", "0.2"], r"--local-scale 0.5 0.2 must satisfy"),
+    (["--method", "carl", "--local-crops", "2", "--local-size", "4", "--image-size", "20"],
+     r"--local-size 4 is below the network's stride \(8 px with the cifar stem\)"),
     (["--method", "byol", "--teacher", "none"], r"--method byol needs its EMA teacher \(--teacher ema\)"),
     (["--method", "carl", "--teacher-momentum", "0.9"], r"--teacher-momentum-end are for the EMA teacher"),
     (["--method", "carl", "--teacher", "ema", "--teacher-momentum", "1.5"], r"--teacher-momentum must lie in \[0, 1\]"),
