@@ -36,11 +36,9 @@ declare -A FLAGS=(
     [simclr]="--method simclr"
     [simclr-lr4x]="--method simclr --lr 0.12"
     [byol]="--method byol --views carl"
-    [byol-lr4x]="--method byol --views carl --lr 0.12"
-    [swav]="--method swav"
+    [swav]="--method swav --num-prototypes 100"
     [mocov2]="--method mocov2"
     [carl-thesis]="--method carl --num-prototypes 100 --lam-epochs @0.5"
-    [carp-thesis]="--method carp --views carl --lam-epochs @0.15"
     [carl]="${CARL_CPU[*]}"
     [carp]="${CARP_CPU[*]}"
     [carl-teacher]="${CARL_CPU[*]} --teacher ema"
@@ -50,8 +48,8 @@ declare -A FLAGS=(
     [carl-teacher-multicrop]="${CARL_CPU[*]} --teacher ema ${MULTICROP[*]}"
     [carp-teacher-multicrop]="${CARP_CPU[*]} --teacher ema ${MULTICROP[*]}"
 )
-RUNS=${RUNS:-"simclr byol swav mocov2 carl-thesis carp-thesis carl carp carl-teacher carp-teacher carl-multicrop
-               carp-multicrop carl-teacher-multicrop carp-teacher-multicrop simclr-lr4x byol-lr4x"}
+RUNS=${RUNS:-"simclr byol swav mocov2 carl carp carl-teacher carp-teacher carl-multicrop carp-multicrop
+               carl-teacher-multicrop carp-teacher-multicrop carl-thesis simclr-lr4x"}
 mkdir -p "$OUT"
 touch "$OUT/epochs.tsv"
 
