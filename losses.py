@@ -147,17 +147,6 @@ def assignment_loss(student, teacher, lam, partition, num_global=2, pooled=False
     return loss, stats
 
 
-def carl_loss(logits_a, logits_b, lam):
-    """CARL: logits (B, K) of two views -> (loss, stats)."""
-    whole = torch.arange(logits_a.shape[1], device=logits_a.device).view(1, -1)  # (1, K): one block
-    return assignment_loss([logits_a, logits_b], None, lam, whole)
-
-
-def carp_loss(logits_a, logits_b, lam, partition):
-    """CARP: logits (B, K) of two views, partition (N_P, N_B) from random_partition -> (loss, stats)."""
-    return assignment_loss([logits_a, logits_b], None, lam, partition.to(logits_a.device, non_blocking=True))
-
-
 # ---------------------------------------------------------------- SimCLR
 
 def nt_xent(z_a, z_b, temperature):

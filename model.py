@@ -94,7 +94,8 @@ class Model(nn.Module):
         def prototype_layer(d):  # (B, d) -> (B, K)
             if prototypes == "unit":
                 return UnitPrototypes(d, num_prototypes)
-            return nn.Linear(d, num_prototypes, bias=method == "carp")  # CARL, eq. 5.2: q_j = <z, c_j>, no bias
+            # CARL, eq. 5.2: q_j = <z, c_j>, no bias; the thesis's CARP assigner is an MLP, its last layer biased
+            return nn.Linear(d, num_prototypes, bias=method == "carp" and head == "thesis")
 
         self.prototypes_at = None  # the name of the layer whose rows are the prototypes, if any
         if method in ("carl", "swav") or method == "carp" and head == "neurips23":  # the published head ends in them
@@ -110,13 +111,14 @@ class Model(nn.Module):
         # Prototypes start at PyTorch's default init times a gain. With gain 1 the initial logits have a
         # std of ~0.2: assignments start uniform and the loss's gradient reaching the backbone is ~30x
         # weaker than SimCLR's (RESULTS.md, "What was found"); 5 (CARL) or 3 (CARP) starts them at ~1.
-        if self.prototypes is not None:
+        if self.prototypes is not None and proto_init_gain is not None:  # None (SwAV): PyTorch's init as it is
             with torch.no_grad():
                 self.prototypes.weight.mul_(proto_init_gain)
                 if getattr(self.prototypes, "bias", None) is not None:
                     self.prototypes.bias.mul_(proto_init_gain)
-                if method == "swav":  # SwAV's prototypes live on the unit sphere (train.py keeps them there)
-                    self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+        if method == "swav":  # SwAV's prototypes live on the unit sphere (train.py keeps them there)
+            with torch.no_grad():
+                self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     @property
     def prototypes(self):
@@ -143,9 +145,10 @@ class EMATeacher:
     encoder, the published CARP's teacher). No gradient reaches it; its BatchNorm layers normalise with
     the batch's statistics, as the student's do.
 
-    bn_group (MoCo v2): the batch goes through in a random order, in groups of bn_group samples each
-    normalised with its own statistics, so a key never shares BatchNorm statistics with the batch its
-    query was normalised in (MoCo's shuffled BN, done as its authors' one-GPU CIFAR demo does it)."""
+    bn_group (MoCo v2's shuffled BN): the batch's images go through in a random order, in groups of at most
+    bn_group images (both their views), at least two groups, each normalised with its own statistics, so a
+    key is never normalised with the batch its query was (the leak MoCo shuffles BN against; its authors'
+    one-GPU CIFAR demo splits BN the same way). Under DDP each rank groups its own share."""
 
     def __init__(self, student, bn_group=None):
         self.net = copy.deepcopy(student).requires_grad_(False)
@@ -163,12 +166,14 @@ class EMATeacher:
     def __call__(self, views, seed=0):
         """views -> (embeddings, outputs) as Model.forward; `seed` draws the bn_group order."""
         batch = views[0].shape[0]
-        if not self.bn_group or batch <= self.bn_group:
+        if not self.bn_group or batch < 2:
             return self.run(views)
         order = torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).to(views[0].device)  # (B,)
-        parts = [self.run([v[idx] for v in views]) for idx in order.split(self.bn_group)]
-        undo = order.argsort()  # (B,)
-        return tuple([torch.cat([part[k][v] for part in parts])[undo] for v in range(len(views))] for k in (0, 1))
+        groups = [self.run([v[idx] for v in views]) for idx in order.split(min(self.bn_group, batch // 2))]
+        undo = order.argsort()  # (B,): back to the batch's order
+        embeddings = [torch.cat([g[0][v] for g in groups])[undo] for v in range(len(views))]  # V of (B, D)
+        outputs = [torch.cat([g[1][v] for g in groups])[undo] for v in range(len(views))]  # V of (B, K or D)
+        return embeddings, outputs
 
 
 class Queue:

@@ -83,44 +83,44 @@ def swav_normalize_prototypes(model):  # SwAV: the prototypes back on the unit s
     model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
 
 
-# loss(student, teacher, run, now, step) -> (loss, stats, rows to push to the queue or None), with student and
-# teacher the networks' (embeddings, outputs) per view; teacher: None (the method has none), "optional"
-# (--teacher none|ema) or "ema"; multiview: takes more than two crops; teacher_bn_group: EMATeacher's; the
-# hooks run after backward and after the optimizer step.
-Method = collections.namedtuple("Method", "defaults loss teacher multiview teacher_bn_group after_backward after_step",
-                                defaults=(None, False, None, None, None))
+# One entry per method. loss(student, teacher, run, now, step) -> (loss, stats, rows to push to the queue or
+# None), student and teacher being the networks' (embeddings, outputs) per view; needs_teacher: it cannot run
+# without its EMA teacher; multiview: it takes more than two crops; queue: None, "empty" (filled as it goes,
+# used once full: SwAV) or "random" (starts full of random keys, needed: MoCo); teacher_bn_group: EMATeacher's;
+# the hooks run after backward and after the optimizer step. `defaults` lists every flag the method takes.
+Method = collections.namedtuple("Method", "defaults loss needs_teacher multiview queue teacher_bn_group after_backward "
+                                "after_step", defaults=(False, False, None, None, None, None))
 # Thesis settings (sources pinned in tests/test_train.py::THESIS). All: 200 epochs, batch 256, cosine lr
 # without warm-up (5.8), ResNet-18 + the same projection head (5.8.2). CARL (5.6-5.8): SGD + LARS (SwAV's
-# LARC) 0.6 -> 0.0006, wd 5e-4, K = 100 on CIFAR-10; lambda 4 -> 1.5 over 100 epochs. CARP (6.5.4): LARS
-# 5.4 -> 0.00054, wd 1e-6, K = 3000 in blocks of 250, lambda 2 -> 0.15 over 30 epochs. SimCLR and BYOL
-# (5.8.5): SGD without LARS at 0.03, SimCLR's temperature 0.2. SwAV (5.8.5: K as CARL's, else its
-# repository's batch-256 recipe): LARC 0.6 -> 0.0006, wd 1e-6, T 0.1, prototypes frozen for the first
-# epoch. MoCo v2 (its paper, and its authors' CIFAR-10 demo): SGD 0.03, T 0.2, a queue of 4096, key
+# LARC: plain SGD collapsed, RESULTS.md) 0.6 -> 0.0006, wd 5e-4, K = 100 on CIFAR-10; lambda 4 -> 1.5 over
+# 100 epochs. CARP (6.5.4): LARS 5.4 -> 0.00054, wd 1e-6, K = 3000 in blocks of 250, lambda 2 -> 0.15 over 30
+# epochs. SimCLR and BYOL (5.8.5): SGD without LARS at 0.03, SimCLR's temperature 0.2. SwAV (5.8.5: K as
+# CARL's, else its repository's batch-256 recipe): LARC 0.6 -> 0.0006, wd 1e-6, T 0.1, prototypes frozen for
+# the first epoch. MoCo v2 (its paper, and its authors' CIFAR-10 demo): SGD 0.03, T 0.2, a queue of 4096, key
 # encoder momentum 0.99. Weight decay 5e-4 for the SGD baselines (the thesis's CIFAR value, 5.8.4; the
-# papers' 1e-6 goes with LARS). CARL's optimizer: plain SGD at 0.6 with no warm-up collapsed to one
-# prototype within 90 steps on CIFAR-10 (RESULTS.md, "CARL a"), LARC did not.
-# Where the issue that added a baseline and the thesis differ, the issue is followed: BYOL's target momentum
-# 0.99 -> 1 (the paper's 0.996 is ImageNet's), MoCo's temperature 0.2 (the CIFAR demo uses 0.1).
+# papers' 1e-6 goes with LARS). Where issue 19 (which added the baselines) and the thesis differ, the issue
+# is followed: BYOL's target momentum 0.99 -> 1 (the paper's 0.996 is ImageNet's), MoCo's temperature 0.2.
 BASELINE = dict(epochs=200, batch_size=256, final_lr_ratio=1e-3, global_crops=2, local_crops=0, head="thesis",
                 knn_every=0)
-CLUSTER = dict(BASELINE, proto_init_gain=1.0, local_size=None, local_scale=None)  # multi-crop, prototypes
-ASSIGNMENT = dict(CLUSTER, teacher="none", teacher_momentum=0.99, teacher_momentum_end=1.0, kl="per-view",
-                  prototypes="linear")
+MULTICROP = dict(BASELINE, local_size=None, local_scale=None)
+ASSIGNMENT = dict(MULTICROP, proto_init_gain=1.0, teacher="none", teacher_momentum=0.99, teacher_momentum_end=1.0,
+                  kl="per-view", prototypes="linear")
 METHODS = {
-    "carl": Method(dict(ASSIGNMENT, optimizer="larc", lr=0.6, weight_decay=5e-4, num_prototypes=100, lam_start=4.0, lam_end=1.5, lam_epochs=100, views="carl"), assignment_loss, "optional", True),
-    "carp": Method(dict(ASSIGNMENT, optimizer="lars", lr=5.4, final_lr_ratio=1e-4, weight_decay=1e-6, num_prototypes=3000,
-                        block_size=250, lam_start=2.0, lam_end=0.15, lam_epochs=30, views="carp"),
-                   assignment_loss, "optional", True),
+    "carl": Method(dict(ASSIGNMENT, optimizer="larc", lr=0.6, weight_decay=5e-4, num_prototypes=100, lam_start=4.0,
+                        lam_end=1.5, lam_epochs=100, views="carl"), assignment_loss, multiview=True),
+    "carp": Method(dict(ASSIGNMENT, optimizer="lars", lr=5.4, final_lr_ratio=1e-4, weight_decay=1e-6,
+                        num_prototypes=3000, block_size=250, lam_start=2.0, lam_end=0.15, lam_epochs=30,
+                        views="carp"), assignment_loss, multiview=True),
     "simclr": Method(dict(BASELINE, optimizer="sgd", lr=0.03, weight_decay=5e-4, temperature=0.2, views="carl"),
                      simclr_loss),
     "byol": Method(dict(BASELINE, optimizer="sgd", lr=0.03, weight_decay=5e-4, teacher="ema", teacher_momentum=0.99,
-                        teacher_momentum_end=1.0, views="carp"), byol_loss, "ema"),
-    "swav": Method(dict(CLUSTER, optimizer="larc", lr=0.6, weight_decay=1e-6, num_prototypes=100, temperature=0.1,
-                        queue_size=0, views="carl"), swav_loss, None, True,
+                        teacher_momentum_end=1.0, views="carp"), byol_loss, needs_teacher=True),
+    "swav": Method(dict(MULTICROP, optimizer="larc", lr=0.6, weight_decay=1e-6, num_prototypes=100, temperature=0.1,
+                        queue_size=0, views="carl"), swav_loss, multiview=True, queue="empty",
                    after_backward=swav_freeze_prototypes, after_step=swav_normalize_prototypes),
     "mocov2": Method(dict(BASELINE, optimizer="sgd", lr=0.03, weight_decay=5e-4, temperature=0.2, queue_size=4096,
                           teacher="ema", teacher_momentum=0.99, teacher_momentum_end=0.99, views="carl"),
-                     mocov2_loss, "ema", teacher_bn_group=32),
+                     mocov2_loss, needs_teacher=True, queue="random", teacher_bn_group=32),
 }
 # `synthetic` is ours: the quickstart, under 2 minutes of training on a slow laptop CPU (RESULTS.md):
 # 20 px images, 2 epochs (62 steps of 64), LARS at 9.6 per 256 with wd 1e-6 for CARL too, prototypes
@@ -153,10 +153,9 @@ RECIPES = {
                       head="neurips23", prototypes="unit", views="neurips23", optimizer="lars", lr=0.45,
                       final_lr_ratio=0.0048 / 0.45, weight_decay=1e-6, proto_init_gain=1.0),
 }
-# Under "lars", biases and BatchNorm parameters skip the trust ratio (BYOL, Barlow Twins), so they
-# take plain SGD steps. At LARS learning rates (4.8-5.4 per 256) those steps are far too large: on
-# CIFAR-10 at batch 64, CARL (prototype gain 5) fell onto 2 of 100 prototypes within 20 steps with
-# them, and did not with this scale. Barlow Twins gives them 0.0048 / 0.2 = 0.024 of the weights' lr.
+# Under "lars", biases and BatchNorm parameters skip the trust ratio (BYOL, Barlow Twins), so they take plain
+# SGD steps, far too large at LARS learning rates (a collapse: RESULTS.md, "What was found" 2): they get Barlow
+# Twins' 0.0048 / 0.2 = 0.024 of the weights' lr.
 LARS_EXCLUDED_LR_SCALE = 0.024
 COMMON_KEYS = ("epochs", "batch_size", "optimizer", "lr", "final_lr_ratio", "weight_decay", "views", "knn_every",
                "global_crops", "local_crops", "head")
@@ -200,7 +199,7 @@ def parse_args(argv=None):
     p.add_argument("--prototypes", default=None, choices=["linear", "unit"],
                    help="CARL/CARP: a linear layer (the thesis) or unit-norm prototypes (the published CARP)")
     p.add_argument("--head", default=None, choices=models.HEADS,
-                   help="CARL/CARP projection head: thesis (2 x 512, ReLU, 128-d) or neurips23 (3 x 2048, GELU, 256-d)")
+                   help="projection head: thesis (2 x 512, ReLU, 128-d) or neurips23 (3 x 2048, GELU, 256-d)")
     p.add_argument("--block-size", type=int, default=None, help="CARP: prototypes per partition block N_B")
     p.add_argument("--lam-start", type=float, default=None, help="KL weight at epoch 0 (b in thesis eq. 5.8)")
     p.add_argument("--lam-end", type=float, default=None, help="KL weight after --lam-epochs (a)")
@@ -294,7 +293,7 @@ def resolve(args):
     for key in METHOD_KEYS:
         if key not in method.defaults and getattr(args, key) is not None:
             fail(f"{flag(key)} is not used by --method {args.method}")
-    given = {k for k, v in vars(args).items() if v is not None}  # the flags set on the command line
+    given = {k for k, v in vars(args).items() if v is not None}  # set on the command line (or not None by default)
     args.image_size = args.image_size or data.IMAGE_SIZE[args.dataset]
     args.recipe_values = recipe_values(args)
     defaults = {**method.defaults, **DATASET_DEFAULTS.get(("*", args.dataset), {}),
@@ -308,20 +307,18 @@ def resolve(args):
         args.loader = data.default_loader(args.dataset, args.image_size)
     if args.optimizer not in ("larc", "lars", "sgd"):
         fail(f"unknown --optimizer {args.optimizer!r}; choose larc, lars or sgd")
-    if args.block_size is not None and args.num_prototypes % args.block_size:
-        fail(f"--num-prototypes {args.num_prototypes} is not divisible by --block-size {args.block_size}")
-    if args.until_epoch is not None and not 0 < args.until_epoch <= args.epochs:
-        fail(f"--until-epoch {args.until_epoch} must lie in 1..--epochs {args.epochs}")
-    for key in ("epochs", "batch_size", "num_prototypes", "image_size", "log_every", "proto_init_gain",
-                "final_lr_ratio", "ckpt_every_min", "ckpt_every_epochs", "temperature", "local_size"):
+    for key in ("epochs", "batch_size", "num_prototypes", "block_size", "image_size", "log_every", "proto_init_gain",
+                "final_lr_ratio", "ckpt_every_min", "ckpt_every_epochs", "temperature", "local_size", "train_subset",
+                "knn_train_subset", "knn_test_subset"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             fail(f"{flag(key)} must be positive")
     for key in ("knn_every", "local_crops", "queue_size"):
         if getattr(args, key) is not None and getattr(args, key) < 0:
             fail(f"{flag(key)} must be 0 (off) or positive")
-    for key in ("train_subset", "knn_train_subset", "knn_test_subset"):
-        if getattr(args, key) is not None and getattr(args, key) <= 0:
-            fail(f"{flag(key)} must be positive")
+    if args.block_size is not None and args.num_prototypes % args.block_size:
+        fail(f"--num-prototypes {args.num_prototypes} is not divisible by --block-size {args.block_size}")
+    if args.until_epoch is not None and not 0 < args.until_epoch <= args.epochs:
+        fail(f"--until-epoch {args.until_epoch} must lie in 1..--epochs {args.epochs}")
     resolve_views_and_teacher(args, method, given)
     return args
 
@@ -341,25 +338,31 @@ def resolve_views_and_teacher(args, method, given):
         if args.local_size < stride:  # CPUs, bf16 gave NaN gradients there: RESULTS.md, "What was found")
             fail(f"--local-size {args.local_size} is below the network's stride ({stride} px with the "
                  f"{'cifar' if args.cifar_stem else 'imagenet'} stem)")
-    elif args.local_size is not None or args.local_scale is not None:
+    elif given & {"local_size", "local_scale"}:
         fail("--local-size and --local-scale shape local crops: give --local-crops N too")
-    if method.teacher == "ema" and args.teacher != "ema":
+    else:  # --recipe neurips23 --local-crops 0: the recipe's local crop shape is unused
+        args.local_size = args.local_scale = None
+    if method.needs_teacher and args.teacher != "ema":
         fail(f"--method {args.method} needs its EMA teacher (--teacher ema)")
+    if args.export_teacher and args.teacher != "ema":
+        fail("--export-teacher exports the EMA teacher's backbone: the run has none (--teacher ema)")
     if args.teacher == "none" and given & {"teacher_momentum", "teacher_momentum_end"}:
         fail("--teacher-momentum and --teacher-momentum-end are for the EMA teacher: give --teacher ema too")
     if args.teacher == "ema":
         for key in ("teacher_momentum", "teacher_momentum_end"):
             if not 0 <= getattr(args, key) <= 1:
                 fail(f"{flag(key)} must lie in [0, 1]")
-    if args.prototypes == "unit" and args.proto_init_gain != 1:
-        fail("--proto-init-gain does not change unit-norm prototypes (--prototypes unit)")
+    if args.prototypes == "unit":  # scaling a unit-norm prototype changes nothing
+        if "proto_init_gain" in given and args.proto_init_gain != 1:
+            fail("--proto-init-gain does not change unit-norm prototypes (--prototypes unit)")
+        args.proto_init_gain = 1.0
     if args.queue_size:
         per_step = args.global_crops * args.batch_size  # rows a step adds: every global crop of the global batch
         if args.queue_size % per_step:
             fail(f"--queue-size {args.queue_size} is not a multiple of the {per_step} rows each step adds "
                  f"({args.global_crops} views x --batch-size {args.batch_size})")
-    elif args.method == "mocov2":
-        fail("--method mocov2 takes its negatives from a queue: --queue-size must be positive")
+    elif method.queue == "random":
+        fail(f"--method {args.method} takes its negatives from a queue: --queue-size must be positive")
 
 
 def check_same_run(saved, args, path):
@@ -518,7 +521,7 @@ def build_run(args, device, world, steps_per_epoch, ckpt=None):
     queue = None
     if args.queue_size:
         dim = model.head[-1].out_features
-        queue = models.Queue(args.queue_size, dim, device, args.seed if args.method == "mocov2" else None)
+        queue = models.Queue(args.queue_size, dim, device, args.seed if method.queue == "random" else None)
     sched = schedules(args, steps_per_epoch)
     optimizer = build_optimizer(args, model, float(sched["lr"][0]))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -681,9 +684,10 @@ class Bookkeeping:
             log = trim_log(self.log_path, start_step)  # drop what an interrupted run logged after its checkpoint
             print(describe_run(args, data_info["num_images"], world, device, self.spe), flush=True)
             print(describe_schedules(args, float(run.schedules["lr"][0])), flush=True)
-            if args.recipe_values:
-                print(f"recipe {args.recipe}: " + " ".join(f"{flag(k)} {shown(getattr(args, k))}"
-                                                           for k in args.recipe_values), flush=True)
+            if args.recipe_values:  # the recipe's values, and where the command line overrides one
+                print(f"recipe {args.recipe}: " + " ".join(
+                    f"{flag(k)} {shown(v)}" + ("" if getattr(args, k) == v else f" (here {shown(getattr(args, k))})")
+                    for k, v in args.recipe_values.items()), flush=True)
             if resumed_from:
                 print(f"continuing {resumed_from} at step {start_step} of {self.total} (epoch {start_step // self.spe}, "
                       f"step {start_step % self.spe} of it)", flush=True)
@@ -698,7 +702,8 @@ class Bookkeeping:
             state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                      "scaler": run.scaler.state_dict(), "teacher": run.teacher and run.teacher.net.state_dict(),
                      "queue": run.queue and run.queue.state_dict(), "step": step, "epoch": step // self.spe,
-                     "args": {k: v for k, v in vars(self.args).items() if k != "recipe_values"}, "data": self.data_info}
+                     "args": {k: v for k, v in vars(self.args).items() if k != "recipe_values"}, "data": self.data_info,
+                     "world": self.world}
             atomic_save(state, self.run_path)
             exported = run.teacher.net if self.args.export_teacher else run.model
             atomic_save(exported.backbone.state_dict(), os.path.join(self.args.out_dir, "backbone.pt"))
@@ -729,13 +734,17 @@ class Bookkeeping:
                 torch.cuda.synchronize()  # once a session: the first step's GPU work inside, not after
             self.t_first = time.time()
         save_due = self.rank == 0 and time.time() - self.last_save > 60 * self.args.ckpt_every_min
-        flags = torch.tensor([max(self.stop_signal, default=0), int(save_due)])  # (2,) int64
-        if self.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
         epoch_done = it == self.spe - 1
-        log_due = step % self.args.log_every == 0 or epoch_done
-        if (log_due or flags.any()) and not math.isfinite(loss.item()):  # the only host-device syncs; before a save
-            fail(f"loss is {loss.item()} at step {step}; lower --lr" + (", or raise --lam-start" if "lam" in now else ""))
+        log_due = step % self.args.log_every == 0 or epoch_done  # every save but a signal's or the clock's is one
+        # (stop signal, save due, loss not finite): (3,) int64; loss.item() is the only host-device sync
+        flags = torch.tensor([max(self.stop_signal, default=0), int(save_due), log_due and not math.isfinite(loss.item())])
+        self.agree(flags)
+        if (flags[0] or flags[1]) and not log_due:  # a save off the log steps: its loss checked first, on every rank
+            flags[2] = not math.isfinite(loss.item())
+            self.agree(flags)
+        if flags[2]:  # on every rank at once (one alone would leave the others waiting in DDP)
+            fail(f"the loss is not finite at step {step} ({loss.item()} on rank {self.rank}); lower --lr"
+                 + (", or raise --lam-start" if "lam" in now else ""))
         if self.rank == 0 and log_due:
             self.log(step, epoch, loss, stats, now)
         if flags.any() or step + 1 == self.end or (epoch_done and (epoch + 1) % self.args.ckpt_every_epochs == 0):
@@ -751,6 +760,11 @@ class Bookkeeping:
                       f"{epoch}, step {it + 1} of {self.spe}); {self.run_path} holds it: run the same command to "
                       f"continue", flush=True)
             raise SystemExit(128 + int(flags[0]))
+
+    def agree(self, flags):
+        """Every rank's flags become their maximum over ranks (in place)."""
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
 
     def log(self, step, epoch, loss, stats, now):
         t = time.time()
@@ -795,14 +809,20 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def find_checkpoint(args, world, control):
+def find_checkpoint(args, rank, world, control):
     """(checkpoint or None, where it came from): the out-dir's run.pt, else --resume; every rank the same."""
     run_path = os.path.join(args.out_dir, "run.pt")
     # The same command continues its own run; --resume only points elsewhere for a first start.
     resume_from = run_path if os.path.exists(run_path) else args.resume
     ckpt = models.load_checkpoint(resume_from) if resume_from else None
+    if ckpt is not None and ("teacher" not in ckpt or any(k.startswith("assigner.") for k in ckpt["model"])):
+        fail(f"{resume_from} was written by an older train.py (before the baselines: no teacher or queue entries); "
+             f"continue it with that version, or start a new --out-dir")
     if ckpt is not None:
         check_same_run(ckpt["args"], args, resume_from)
+        if ckpt.get("world", world) != world and rank == 0:  # speed flags may differ; this one changes the run
+            print(f"warning: {resume_from} ran in {ckpt['world']} process(es), this run has {world}: the views and "
+                  f"BatchNorm statistics differ from an uninterrupted run's from here on", flush=True)
     if world > 1:  # every rank must continue from the same step (--out-dir on a shared filesystem)
         start = ckpt["step"] if ckpt is not None else 0
         steps = torch.tensor([start, -start])  # (2,)
@@ -818,7 +838,7 @@ def pretrain(args, stop_signal):
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     rank, world, device, control = setup_distributed()
-    ckpt, resume_from = find_checkpoint(args, world, control)
+    ckpt, resume_from = find_checkpoint(args, rank, world, control)
     if ckpt is not None and ckpt["epoch"] >= (args.until_epoch or args.epochs):
         if rank == 0:
             print(f"{resume_from} is finished: {ckpt['epoch']} of {args.epochs} epochs done"

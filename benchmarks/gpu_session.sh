@@ -24,7 +24,9 @@ for method in $METHODS; do
         echo "gpu-session: $(left) min left; stopping before $method (the same command continues)"
         exit 0
     fi
-    METHOD=$method MINUTES=$minutes bash benchmarks/gpu_cifar10.sh "$DATA" "$@"
+    # training stops itself at $minutes (run.pt written); the evaluation after it is cut at the same time
+    METHOD=$method MINUTES=$minutes timeout --kill-after=20 "$(python -c "print($minutes + 0.5)")m" \
+        bash benchmarks/gpu_cifar10.sh "$DATA" "$@" || echo "gpu-session: $method cut at the time limit"
 done
 for method in "carl --num-prototypes 100" carp simclr byol "swav --num-prototypes 100" mocov2; do
     # views/s of each method's step and of train.py's loop, compiled, and the GPU memory it holds (row 5)

@@ -1,7 +1,7 @@
 """Training throughput in views/s, all measured in one run on one machine:
 
   (a) bare: forward + backward + optimizer step on random tensors (the ceiling), and the same
-      without bf16, without channels-last (and not compiled, when compiled)
+      without bf16 (and not compiled, when compiled)
   (b) train.py's loop with --loader workers (PIL views in DataLoader processes)
   (c) train.py's loop with --loader device  (views made on the training device, in batches)
 
@@ -103,29 +103,24 @@ def main():
     views = (args.global_crops + args.local_crops) * args.batch_size  # views per step
     results = {"machine": name, "batch": args.batch_size, "image_size": args.image_size, "amp": args.amp}
 
-    # (a) the bare step, then what bf16 and channels-last each buy (and --compile, when asked)
-    def bare_setup(amp, channels_last, compile_):
+    # (a) the bare step, then what bf16 buys (and --compile, when asked)
+    def bare_setup(amp, compile_):
         a = argparse.Namespace(**{**vars(args), "amp": amp, "compile": compile_})
         run = train.build_run(a, device, 1, steps_per_epoch=1)
-        if not channels_last:
-            run.model.to(memory_format=torch.contiguous_format)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
         sizes = [args.image_size] * args.global_crops + [args.local_size] * args.local_crops
-        x = [torch.randn(args.batch_size, 3, s, s, device=device).to(memory_format=fmt) for s in sizes]
+        x = [torch.randn(args.batch_size, 3, s, s, device=device).to(memory_format=torch.channels_last) for s in sizes]
         now = {name: float(values[0]) for name, values in run.schedules.items()}
         step = lambda: train.train_step(run, x, now, 0)  # noqa: E731
         return step, run.optimizer
 
-    step, optimizer = bare_setup(args.amp, True, args.compile)
+    step, optimizer = bare_setup(args.amp, args.compile)
     results["bare"] = views / timed(step, opts.steps, device)
     print(f"(a) bare step:            {results['bare']:9.0f} views/s", flush=True)
-    variants = [("amp off", "off", True, args.compile), ("no channels-last", args.amp, False, args.compile)]
+    variants = [("amp off", "off", args.compile)] if args.amp != "off" else []
     if args.compile:
-        variants.append(("not compiled", args.amp, True, False))
-    for name, amp, channels_last, compile_ in variants:
-        if name == "amp off" and args.amp == "off":
-            continue
-        rate = views / timed(bare_setup(amp, channels_last, compile_)[0], opts.steps, device)
+        variants.append(("not compiled", args.amp, False))
+    for name, amp, compile_ in variants:
+        rate = views / timed(bare_setup(amp, compile_)[0], opts.steps, device)
         results[f"bare, {name}"] = rate
         print(f"    bare, {name:16s} {rate:9.0f} views/s: the default is {results['bare'] / rate:.2f}x this", flush=True)
     saved_step, optimizer.step = optimizer.step, lambda: None  # forward + backward alone

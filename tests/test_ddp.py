@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import losses
+from test_losses import carl_loss, carp_loss
 
 WORLD = 2
 B = 8  # global batch per view
@@ -49,9 +50,9 @@ def loss_fn(method, la, lb, rows=slice(None)):
     teacher = [fixed(B, K, seed=11)[rows], fixed(B, K, seed=12)[rows]]
     local = la.flip(1) * 0.5  # a third view from the same net (a "local crop")
     if method == "carl":
-        return losses.carl_loss(la, lb, LAM)
+        return carl_loss(la, lb, LAM)
     if method == "carp":
-        return losses.carp_loss(la, lb, LAM, part)
+        return carp_loss(la, lb, LAM, part)
     if method == "carp-teacher-multicrop-pooled":
         return losses.assignment_loss([la, lb, local], teacher, LAM, part, 2, pooled=True)
     if method == "simclr":
@@ -118,10 +119,27 @@ def _worker(rank, init_file, out_dir):
                                           "grads": {n: p.grad.clone() for n, p in ddp.module.named_parameters()}}
         finally:
             losses.global_batch_mean = real_mean
+        results["runs"] = {m: two_real_steps(m, rank) for m in ("mocov2", "swav")}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while the other still talks to it (seen once: SIGABRT)
     finally:
         dist.destroy_process_group()
+
+
+def two_real_steps(method, rank):
+    """Two train.py steps of a teacher-and-queue method under DDP, each rank on its own views: what each rank
+    then holds (student, teacher, queue)."""
+    import train  # here: the spawned workers import this module before torch.distributed is set up
+    flags = ["--method", method, "--queue-size", "32", "--batch-size", "16", "--image-size", "8", "--amp", "off",
+             "--no-compile"]
+    args = train.parse_args(flags + (["--num-prototypes", "10"] if method == "swav" else []))
+    run = train.build_run(args, torch.device("cpu"), WORLD, steps_per_epoch=3)
+    g = torch.Generator().manual_seed(100 + rank)
+    for step in range(2):
+        views = [torch.randn(8, 3, 8, 8, generator=g) for _ in range(2)]  # this rank's 8 of the global 16
+        train.train_step(run, views, {k: float(v[step]) for k, v in run.schedules.items()}, step)
+    return {"model": run.model.state_dict(), "teacher": run.teacher and run.teacher.net.state_dict(),
+            "queue": run.queue.state_dict()}
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +205,20 @@ def test_ddp_with_local_mean_would_give_wrong_gradients(ddp_results):
     res = ddp_results[0]["carl_local_mean"]
     assert abs(res["kl"].item() - ref_stats["kl"].item()) > 1e-3
     assert any(not torch.allclose(res["grads"][n], ref_grads[n], rtol=1e-5, atol=1e-5) for n in ref_grads)
+
+
+@pytest.mark.parametrize("method", ["mocov2", "swav"])
+def test_ddp_ranks_hold_the_same_teacher_and_queue(ddp_results, method):
+    """After real steps on different data, every rank holds the same weights, EMA teacher and queue (the queue
+    filled with the global batch's rows, in the same order), so rank 0's run.pt stands for all. BatchNorm's
+    running statistics are each rank's own (DDP hands rank 0's to all at every forward; the teacher normalises
+    with batch statistics only)."""
+    a, b = (ddp_results[r]["runs"][method] for r in range(WORLD))
+    assert a["queue"]["ptr"] == b["queue"]["ptr"] == 0 and a["queue"]["filled"] == 32  # 2 steps x 2 views x 8 x 2 ranks
+    assert a["queue"]["rows"].abs().sum() > 0
+    torch.testing.assert_close(a["queue"]["rows"], b["queue"]["rows"], rtol=0, atol=0)
+    for part in ("model", "teacher") if method == "mocov2" else ("model",):  # SwAV has no teacher
+        weights = [k for k in a[part] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        assert len(weights) > 60  # every parameter of the ResNet-18, head and last part
+        for k in weights:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part} {k}")

@@ -155,6 +155,21 @@ def wait_for_step(out, step, proc, timeout=600):
     raise TimeoutError(f"step {step} never logged")
 
 
+def test_a_loss_that_is_not_finite_stops_the_run_before_any_save(tmp_path, monkeypatch):
+    real = train.losses.assignment_loss
+
+    def nan_at_step_4(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), stats
+    calls = []
+    monkeypatch.setattr(train.losses, "assignment_loss", nan_at_step_4)
+    with pytest.raises(SystemExit, match=r"^error: the loss is not finite at step 4 \(nan on rank 0\); lower --lr, or "
+                                         r"raise --lam-start$"):
+        run_main([*CARL, "--out-dir", str(tmp_path / "r")])
+    assert load(tmp_path / "r" / "run.pt")["step"] == 3  # epoch 0's checkpoint; nothing written after the nan
+
+
 # ---------------------------------------------------------------- failed writes
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -245,6 +245,9 @@ def test_teacher_bn_groups_normalise_shuffled_subsets():
     whole, _ = models.EMATeacher(student)([x])
     assert not torch.allclose(z[0], whole[0], atol=1e-3)  # the statistics really differ from the whole batch's
     assert torch.equal(grouped([x], seed=3)[0][0], z[0]) and not torch.equal(grouped([x], seed=4)[0][0], z[0])
+    # a batch no larger than a group still goes in two groups (one would be the query batch's statistics again)
+    small, _ = models.EMATeacher(student, bn_group=32)([x], seed=3)
+    torch.testing.assert_close(small[0], z[0])
 
 
 def test_queue_keeps_the_last_rows():

@@ -150,15 +150,21 @@ def test_optimizer_kinds(optimizer, groups):
         assert not opt.param_groups[0]["lars_exclude"] and opt.param_groups[0]["weight_decay"] == 5e-4
 
 
-@pytest.mark.parametrize("which", ["carl", "carp"])
-def test_backbone_pt_loads_into_torchvision(which, request):
-    out = request.getfixturevalue(f"{which}_run")
-    sd = load(os.path.join(out, "backbone.pt"))
+def assert_loads_into_torchvision(path):
+    """backbone.pt loads into torchvision's resnet18 (with the CIFAR stem) with only `fc` missing; returns it."""
+    sd = load(path)
     net = torchvision.models.resnet18(weights=None)
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     res = net.load_state_dict(sd, strict=False)
     assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    return sd
+
+
+@pytest.mark.parametrize("which", ["carl", "carp"])
+def test_backbone_pt_loads_into_torchvision(which, request):
+    out = request.getfixturevalue(f"{which}_run")
+    sd = assert_loads_into_torchvision(os.path.join(out, "backbone.pt"))
     torch.manual_seed(0)  # trained: the weights moved away from the seed-0 initialisation
     fresh = models.Model(which, "resnet18", True, 100).backbone.state_dict()
     assert not torch.equal(fresh["conv1.weight"], sd["conv1.weight"])
@@ -310,6 +316,15 @@ def test_recipe_sizes_and_precedence():
                             "--teacher", "none", "--lr", "0.3"])
     assert (own.local_crops, own.teacher, own.lr, own.num_prototypes, own.block_size) == (4, "none", 0.3, 100, None)
     assert train.parse_args(["--method", "carl", "--dataset", "cifar10"]).teacher == "none"  # the thesis: no teacher
+
+
+def test_defaults_that_a_flag_makes_moot_give_way():
+    """synthetic's prototype gain means nothing to unit-norm prototypes, and the recipe's local crop shape
+    nothing without local crops: both step aside rather than refuse a flag the user never gave."""
+    unit = train.parse_args(["--method", "carl", "--prototypes", "unit"])
+    assert (unit.dataset, unit.proto_init_gain) == ("synthetic", 1.0)
+    no_local = train.parse_args(["--method", "carp", "--recipe", "neurips23", "--dataset", "cifar10", "--local-crops", "0"])
+    assert (no_local.local_crops, no_local.local_size, no_local.local_scale, no_local.teacher) == (0, None, None, "ema")
 
 
 def test_momentum_schedule_ends():
@@ -475,6 +490,8 @@ def assert_untouched(d, fp):
     (["--method", "swav", "--recipe", "neurips23"], r"--recipe neurips23 is CARL and CARP's"),
     (["--recipe", "dino"], r"unknown --recipe 'dino'"),
     (["--method", "carl", "--prototypes", "unit", "--proto-init-gain", "2"], r"--proto-init-gain does not change"),
+    (["--method", "simclr", "--export-teacher"], r"--export-teacher exports the EMA teacher's backbone: the run has none"),
+    (["--method", "carp", "--block-size", "0"], r"--block-size must be positive"),
     (["--epochs", "2", "--until-epoch", "3"], r"--until-epoch 3 must lie in 1\.\.--epochs 2"),
     (["--batch-size", "0"], r"--batch-size must be positive"),
     (["--proto-init-gain", "0"], r"--proto-init-gain must be positive"),
@@ -548,6 +565,31 @@ def test_corrupt_checkpoint_in_out_dir(tmp_path, content, match):
     with pytest.raises(SystemExit, match=match):
         run_main([*CARL, "--out-dir", str(d)])
     assert_untouched(str(d), fp)
+
+
+def test_checkpoint_of_an_older_train_py_is_one_line(tmp_path, carl_run):
+    """run.pt files from before the baselines (CARL's prototypes under 'assigner.', no teacher or queue)."""
+    d, _ = existing_run(tmp_path, src=os.path.join(carl_run, "run.pt"))
+    old = load(os.path.join(d, "run.pt"))
+    old["model"] = {k.replace("out.", "assigner.", 1): v for k, v in old["model"].items()}
+    del old["teacher"], old["queue"]
+    torch.save(old, os.path.join(d, "run.pt"))
+    fp = fingerprint(os.path.join(d, "run.pt"))
+    with pytest.raises(SystemExit, match=r"was written by an older train.py .*; continue it with that version, or start "
+                                         r"a new --out-dir$"):
+        run_main([*CARL, "--out-dir", d])
+    assert_untouched(d, fp)
+
+
+def test_continuing_in_another_number_of_processes_warns(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    run_main([*CARL, "--until-epoch", "1", "--out-dir", out])
+    ckpt = load(os.path.join(out, "run.pt"))
+    assert ckpt["world"] == 1
+    ckpt["world"] = 2  # as if it had started under torchrun with 2 workers
+    torch.save(ckpt, os.path.join(out, "run.pt"))
+    run_main([*CARL, "--out-dir", out])
+    assert "warning: " in capsys.readouterr().out and load(os.path.join(out, "run.pt"))["step"] == 6
 
 
 def test_resume_from_missing_checkpoint(tmp_path):

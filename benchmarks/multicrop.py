@@ -1,0 +1,45 @@
+"""What multi-crop costs: train.py's views/s and images/s with the 2 global crops alone and with N local
+crops more, through both loaders, in one run on one machine (the loop as benchmarks/throughput.py times it).
+
+    python benchmarks/multicrop.py                                               # CPU: synthetic, 16 px
+    python benchmarks/multicrop.py --dataset imagefolder --data-dir ../shared/data/cifar10 --image-size 32 \
+        --batch-size 64 --local-crops 6 --local-size 16                          # CIFAR-10, the recipe's crops
+
+Extra flags go to train.py (e.g. --method carp). Prints one line per measurement and a final JSON line.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--local-crops", type=int, default=6)
+    p.add_argument("--local-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    opts, extra = p.parse_known_args()
+    flags = ["--dataset", opts.dataset, "--data-dir", opts.data_dir, "--image-size", str(opts.image_size),
+             "--batch-size", str(opts.batch_size), "--workers", str(opts.workers), *extra]
+    crops = {"2 global": [], f"2 global + {opts.local_crops} local": [
+        "--local-crops", str(opts.local_crops), "--local-size", str(opts.local_size)]}
+    results = {}
+    for name, more in crops.items():
+        views = 2 + (opts.local_crops if more else 0)
+        for loader in ("device", "workers"):
+            rate = throughput.loop_rate([*flags, *more], loader, opts.steps, opts.batch_size)  # views/s
+            results[f"{name}, {loader}"] = rate
+            print(f"{name:20s} --loader {loader:7s}: {rate:7.0f} views/s, {rate / views:6.1f} images/s", flush=True)
+    print(json.dumps({k: round(v, 1) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
