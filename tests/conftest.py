@@ -1,3 +1,5 @@
+"""Shared test set-up. Tests marked `slow` (whole torchrun jobs and real subprocesses, each 10-20 s) run by
+default, as in CI; `python -m pytest -q tests -m "not slow"` leaves them out for a quick loop."""
 import os
 import sys
 
@@ -28,3 +30,7 @@ def own_cache_dir(tmp_path_factory):
         del os.environ["XDG_CACHE_HOME"]
     else:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts whole torchrun jobs or train.py processes (10-20 s each)")

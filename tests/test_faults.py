@@ -116,6 +116,7 @@ def test_checkpoints_inside_an_epoch(tmp_path, monkeypatch):
     assert [s for s in saved if s is not None] == [1, 2, 3, 4, 5, 6]  # run.pt after every step, not only 3 and 6
 
 
+@pytest.mark.slow
 def test_real_sigterm_to_the_process_group(tmp_path):
     """A scheduler's SIGTERM reaches the main process and its DataLoader workers: the run stops at a
     step, writes run.pt there and exits 143; the same command continues to the end."""

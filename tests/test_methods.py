@@ -11,6 +11,7 @@ import signal
 import pytest
 import torch
 
+import data
 import evaluate
 import model as models
 import train
@@ -76,6 +77,20 @@ def test_sigterm_then_the_same_command_matches_an_uninterrupted_run(method_run, 
     assert "continuing" in capsys.readouterr().out
     assert_same_weights(os.path.join(reference, "run.pt"), tmp_path / "run" / "run.pt")
     assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == list(range(6))
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_a_step_on_pil_views(name):
+    """Every method takes the PIL loader's views too (the other runs here use the device loader's): one step."""
+    args = train.parse_args([*RUNS[name], *BASE, "--loader", "workers"])
+    train.resolve_speed_flags(args, torch.device("cpu"))
+    source, labels = train.load_pretrain_data(args, torch.device("cpu"), None)
+    run = train.build_run(args, torch.device("cpu"), 1, steps_per_epoch=3)
+    batches = data.Batches(len(labels), args.batch_size, 1, 0, args.seed, 0, 1)
+    views, = list(train.pretrain_batches(args, source, batches, 0, torch.device("cpu")))
+    assert [tuple(v.shape) for v in views] == [(16, 3, 8, 8)] * (2 + args.local_crops)
+    loss, _ = train.train_step(run, views, {k: float(v[0]) for k, v in run.schedules.items()}, 0)
+    assert torch.isfinite(loss)
 
 
 def test_workers_loader_makes_the_local_crops_and_continues(tmp_path, monkeypatch):

@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
-import train
 
 from test_faults import ROOT, STARTED, kill_leftovers, wait_for_step, workers_of  # noqa: F401 (autouse fixture)
 from test_train import DIST_ENV, assert_same_weights, load, read_log
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun jobs
 
 DDP = ["--method", "carp", "--num-prototypes", "40", "--block-size", "10", "--dataset", "synthetic",
        "--train-subset", "100", "--batch-size", "16", "--image-size", "8", "--workers", "0", "--epochs", "3",
@@ -97,13 +98,3 @@ def test_torchrun_restarts_a_killed_worker(tmp_path, ddp_reference, rdzv, share_
     assert any(resumed[-1] == f"continuing {run_pt} at step {s} of {STEPS}" for s in range(EPOCH, STEPS)), text
     assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(STEPS))  # each step logged once
     assert_same_weights(os.path.join(ddp_reference[0], "run.pt"), run_pt)
-
-
-def test_batch_not_divisible_by_world(tmp_path, monkeypatch):
-    """torchrun's WORLD_SIZE is read before any process group is built, so the error comes at once, not after
-    a rendezvous with peers."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
-        monkeypatch.setenv(key, value)
-    with pytest.raises(SystemExit, match="--batch-size 33 is not divisible by the 2 processes"):
-        train.main(["--method", "carl", "--batch-size", "33", "--workers", "0", "--out-dir", str(tmp_path / "r")])
-    assert not (tmp_path / "r").exists()

@@ -41,10 +41,12 @@ def read_log(out_dir):
 
 
 def fingerprint(path):
+    """Content, size, time and inode: a rewrite with the same bytes within one tick of a coarse clock still
+    shows (atomic_save's rename makes a new inode)."""
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     st = os.stat(path)
-    return digest, st.st_size, st.st_mtime_ns
+    return digest, st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def load(path):
@@ -590,6 +592,16 @@ def test_continuing_in_another_number_of_processes_warns(tmp_path, capsys):
     torch.save(ckpt, os.path.join(out, "run.pt"))
     run_main([*CARL, "--out-dir", out])
     assert "warning: " in capsys.readouterr().out and load(os.path.join(out, "run.pt"))["step"] == 6
+
+
+def test_batch_not_divisible_by_world(tmp_path, monkeypatch):
+    """torchrun's WORLD_SIZE is read before any process group is built, so the error comes at once, not after
+    a rendezvous with peers."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit, match="--batch-size 33 is not divisible by the 2 processes"):
+        train.main(["--method", "carl", "--batch-size", "33", "--workers", "0", "--out-dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
 
 
 def test_resume_from_missing_checkpoint(tmp_path):
