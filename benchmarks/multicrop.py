@@ -7,7 +7,6 @@ crops more, through both loaders, in one run on one machine (the loop as benchma
 
 Extra flags go to train.py (e.g. --method carp). Prints one line per measurement and a final JSON line.
 """
-import argparse
 import json
 import os
 import sys
@@ -16,19 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=32)
+def local_crop_flags(p):
     p.add_argument("--local-crops", type=int, default=6)
     p.add_argument("--local-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    opts, extra = p.parse_known_args()
-    flags = ["--dataset", opts.dataset, "--data-dir", opts.data_dir, "--image-size", str(opts.image_size),
-             "--batch-size", str(opts.batch_size), "--workers", str(opts.workers), *extra]
+
+
+def main():
+    opts, flags = throughput.parse_flags(local_crop_flags)
     crops = {"2 global": [], f"2 global + {opts.local_crops} local": [
         "--local-crops", str(opts.local_crops), "--local-size", str(opts.local_size)]}
     results = {}

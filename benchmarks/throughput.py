@@ -81,19 +81,27 @@ def per_parameter_lars_step(optimizer):
                 w.add_(v, alpha=-group["lr"])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_flags(add_more):
+    """This benchmark's and multicrop.py's command line: (options, the flags for train.py); the options
+    not named here (and not added by add_more(parser)) go to train.py as they are."""
+    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--loaders", nargs="+", default=["workers", "device"], choices=["workers", "device"],
-                   help="the loaders whose data-alone speed and train.py loop are measured")
+    add_more(p)
     opts, extra = p.parse_known_args()
-    flags = ["--dataset", opts.dataset, "--data-dir", opts.data_dir, "--image-size", str(opts.image_size),
-             "--batch-size", str(opts.batch_size), "--workers", str(opts.workers), *extra]
+    return opts, ["--dataset", opts.dataset, "--data-dir", opts.data_dir, "--image-size", str(opts.image_size),
+                  "--batch-size", str(opts.batch_size), "--workers", str(opts.workers), *extra]
+
+
+def main():
+    opts, flags = parse_flags(lambda p: p.add_argument(
+        "--loaders", nargs="+", default=["workers", "device"], choices=["workers", "device"],
+        help="the loaders whose data-alone speed and train.py loop are measured"))
     args = train.parse_args([*flags, "--knn-every", "0"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train.resolve_speed_flags(args, device)
