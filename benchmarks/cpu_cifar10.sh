@@ -9,9 +9,9 @@
 #   RUNS="simclr carl" MINUTES=5 bash benchmarks/cpu_cifar10.sh data      # torchvision CIFAR-10 (downloads)
 #
 # Equal wall time: first each run's training speed is measured (20 steps on 1,280 images, the first left
-# out) and its epochs set to the whole number nearest what MINUTES (default 8) of training hold at that speed, so every cosine
-# schedule ends where its run does; the speeds and epochs are kept in $OUT/epochs.tsv, so a stopped
-# benchmark run again continues each training from its run.pt with the same epochs.
+# out) and its epochs set to the whole number nearest what MINUTES (default 8) of training hold at that
+# speed, so every cosine schedule ends where its run does; the speeds and epochs are kept in
+# $OUT/epochs.tsv, so a stopped benchmark run again continues each training from its run.pt with the same epochs.
 # Every run: batch 64 (the lr scaled linearly from its per-256 value: at ~50 images/s a batch of 256 gives
 # ~20 steps an epoch), the method's thesis/paper settings otherwise; RESULTS.md lists every setting that
 # differs and why. OUT (default runs/cpu-cifar10), RUNS (default: all, in the order below).

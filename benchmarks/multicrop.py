@@ -21,7 +21,7 @@ def local_crop_flags(p):
 
 
 def main():
-    opts, flags = throughput.parse_flags(local_crop_flags)
+    opts, flags = throughput.parse_flags(__doc__, local_crop_flags)
     crops = {"2 global": [], f"2 global + {opts.local_crops} local": [
         "--local-crops", str(opts.local_crops), "--local-size", str(opts.local_size)]}
     results = {}

@@ -81,11 +81,10 @@ def per_parameter_lars_step(optimizer):
                 w.add_(v, alpha=-group["lr"])
 
 
-def parse_flags(add_more):
+def parse_flags(description, add_more):
     """This benchmark's and multicrop.py's command line: (options, the flags for train.py); the options
     not named here (and not added by add_more(parser)) go to train.py as they are."""
-    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--image-size", type=int, default=16)
@@ -99,7 +98,7 @@ def parse_flags(add_more):
 
 
 def main():
-    opts, flags = parse_flags(lambda p: p.add_argument(
+    opts, flags = parse_flags(__doc__, lambda p: p.add_argument(
         "--loaders", nargs="+", default=["workers", "device"], choices=["workers", "device"],
         help="the loaders whose data-alone speed and train.py loop are measured"))
     args = train.parse_args([*flags, "--knn-every", "0"])

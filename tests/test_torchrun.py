@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-
 from test_faults import ROOT, STARTED, kill_leftovers, wait_for_step, workers_of  # noqa: F401 (autouse fixture)
 from test_train import DIST_ENV, assert_same_weights, load, read_log
 
