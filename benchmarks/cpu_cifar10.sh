@@ -9,7 +9,7 @@
 #   RUNS="simclr carl" MINUTES=5 bash benchmarks/cpu_cifar10.sh data      # torchvision CIFAR-10 (downloads)
 #
 # Equal wall time: first each run's training speed is measured (20 steps on 1,280 images, the first left
-# out) and its epochs set to the whole number nearest what MINUTES (default 8) of training hold at that
+# out) and its epochs set to the whole number nearest what MINUTES (default 6) of training hold at that
 # speed, so every cosine schedule ends where its run does; the speeds and epochs are kept in
 # $OUT/epochs.tsv, so a stopped benchmark run again continues each training from its run.pt with the same epochs.
 # Every run: batch 64 (the lr scaled linearly from its per-256 value: at ~50 images/s a batch of 256 gives
@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: $0 DATA_DIR}
-MINUTES=${MINUTES:-8}
+MINUTES=${MINUTES:-6}
 OUT=${OUT:-runs/cpu-cifar10}
 if [ -d "$DATA/train" ]; then SRC=(--dataset imagefolder --data-dir "$DATA" --image-size 32)
 else SRC=(--dataset cifar10 --data-dir "$DATA" --download); fi
@@ -47,8 +47,10 @@ declare -A FLAGS=(
     [carp-multicrop]="${CARP_CPU[*]} ${MULTICROP[*]}"
     [carl-teacher-multicrop]="${CARL_CPU[*]} --teacher ema ${MULTICROP[*]}"
     [carp-teacher-multicrop]="${CARP_CPU[*]} --teacher ema ${MULTICROP[*]}"
+    [carp-recipe]="--method carp --recipe neurips23"
 )
-# carl-thesis (the thesis's settings at batch 64) and simclr-lr4x (SimCLR's lr x4) run only when named in RUNS
+# carl-thesis (the thesis's settings at batch 64), simclr-lr4x (SimCLR's lr x4) and carp-recipe (the published
+# CARP, --recipe neurips23, untouched) run only when named in RUNS
 RUNS=${RUNS:-"simclr carl carp byol swav mocov2 carl-teacher carp-teacher carl-multicrop carp-multicrop
                carl-teacher-multicrop carp-teacher-multicrop"}
 mkdir -p "$OUT"
