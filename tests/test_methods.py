@@ -11,12 +11,11 @@ import signal
 import pytest
 import torch
 
-import data
 import evaluate
 import model as models
 import train
 from test_faults import stop_at
-from test_train import BASE, assert_loads_into_torchvision, assert_same_weights, load, read_log, run_main
+from test_train import BASE, assert_loads_into_torchvision, assert_same_weights, first_batch, load, read_log, run_main
 
 BASE = [*BASE, "--train-subset", "50", "--batch-size", "16"]  # test_train's, half the batch: 3 steps/epoch
 KNN = ["--knn-every", "1", "--knn-train-subset", "50", "--knn-test-subset", "20"]
@@ -82,14 +81,9 @@ def test_sigterm_then_the_same_command_matches_an_uninterrupted_run(method_run, 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_a_step_on_pil_views(name):
     """Every method takes the PIL loader's views too (the other runs here use the device loader's): one step."""
-    args = train.parse_args([*RUNS[name], *BASE, "--loader", "workers"])
-    train.resolve_speed_flags(args, torch.device("cpu"))
-    source, labels = train.load_pretrain_data(args, torch.device("cpu"), None)
-    run = train.build_run(args, torch.device("cpu"), 1, steps_per_epoch=3)
-    batches = data.Batches(len(labels), args.batch_size, 1, 0, args.seed, 0, 1)
-    views, = list(train.pretrain_batches(args, source, batches, 0, torch.device("cpu")))
-    assert [tuple(v.shape) for v in views] == [(16, 3, 8, 8)] * (2 + args.local_crops)
-    loss, _ = train.train_step(run, views, {k: float(v[0]) for k, v in run.schedules.items()}, 0)
+    run, views, now = first_batch([*RUNS[name], *BASE, "--loader", "workers"])
+    assert [tuple(v.shape) for v in views] == [(16, 3, 8, 8)] * (2 + run.args.local_crops)
+    loss, _ = train.train_step(run, views, now, 0)
     assert torch.isfinite(loss)
 
 
