@@ -19,7 +19,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -167,60 +170,89 @@ SAME_RUN_KEYS = ("method", "recipe", "dataset", "train_subset", "arch", "cifar_s
                  "proto_init_gain", "block_size", "lam_start", "lam_end", "lam_epochs", "temperature", "queue_size",
                  "teacher", "teacher_momentum", "teacher_momentum_end", "kl", "prototypes", "head", "views",
                  "global_crops", "local_crops", "local_size", "local_scale", "loader", "sync_bn", "seed")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption; SLURM's --signal=USR1@secs before a time limit
+# preemption (SIGTERM; SLURM's --signal=USR1@secs before a time limit) and Ctrl-C: save, then stop
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one line, like every other refusal here (no usage dump)."""
+
+    def error(self, message):
+        fail(re.sub(r"^argument (--[\w-]+)\S*: ", r"\1 ", message))  # "argument --x/--no-x: m" -> "--x m"
+
+
+def checked(kind, ok, what):
+    """An argparse type: kind(text), refused at parse time unless finite and ok(value)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda v: v > 0, "a positive integer")
+COUNT = checked(int, lambda v: v >= 0, "0 or a positive integer")
+CROPS = checked(int, lambda v: v >= 2, "2 or more: each global crop is the target of another view")
+POSITIVE = checked(float, lambda v: v > 0, "positive")
+NONNEGATIVE = checked(float, lambda v: v >= 0, "0 or positive")
+UNIT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="carl", help=", ".join(METHODS))
     p.add_argument("--recipe", default="thesis", help="thesis, or neurips23 (CARL/CARP: the published CARP recipe)")
     p.add_argument("--dataset", default="synthetic", help=", ".join(data.DATASETS))
     p.add_argument("--data-dir", default="data", help="where the dataset lies (or is downloaded to)")
     p.add_argument("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10")
-    p.add_argument("--train-subset", type=int, default=None,
+    p.add_argument("--train-subset", type=POSITIVE_INT, default=None,
                    help="pretrain on a fixed class-balanced subset of this many labelled train images")
     p.add_argument("--arch", default="resnet18", help=", ".join(models.ARCHS))
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool (default: on for images <= 64 px)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=POSITIVE_INT, default=None,
                    help="global view size (default: 20 synthetic, 32 CIFAR, 96 STL-10, 224 else)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--until-epoch", type=int, default=None,
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None)
+    p.add_argument("--until-epoch", type=POSITIVE_INT, default=None,
                    help="stop after this epoch (schedules still span --epochs); the same command continues")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch over all processes")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="global batch over all processes")
     p.add_argument("--optimizer", default=None, help="larc (LARS on every parameter), lars (not on biases/BN) or sgd")
-    p.add_argument("--lr", type=float, default=None, help="base lr for batch 256; scaled by batch/256")
-    p.add_argument("--final-lr-ratio", type=float, default=None, help="the cosine ends at lr times this")
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up before the cosine decay")
-    p.add_argument("--num-prototypes", type=int, default=None, help="K (CARL, CARP, SwAV)")
-    p.add_argument("--proto-init-gain", type=float, default=None,
+    p.add_argument("--lr", type=POSITIVE, default=None, help="base lr for batch 256; scaled by batch/256")
+    p.add_argument("--final-lr-ratio", type=POSITIVE, default=None, help="the cosine ends at lr times this")
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=None)
+    p.add_argument("--warmup-epochs", type=NONNEGATIVE, default=0.0, help="linear lr warm-up before the cosine decay")
+    p.add_argument("--num-prototypes", type=POSITIVE_INT, default=None, help="K (CARL, CARP, SwAV)")
+    p.add_argument("--proto-init-gain", type=POSITIVE, default=None,
                    help="scale of the prototypes' initial weights (thesis: 1, PyTorch's default init)")
     p.add_argument("--prototypes", default=None, choices=["linear", "unit"],
                    help="CARL/CARP: a linear layer (the thesis) or unit-norm prototypes (the published CARP)")
     p.add_argument("--head", default=None, choices=models.HEADS,
                    help="projection head: thesis (2 x 512, ReLU, 128-d) or neurips23 (3 x 2048, GELU, 256-d)")
-    p.add_argument("--block-size", type=int, default=None, help="CARP: prototypes per partition block N_B")
-    p.add_argument("--lam-start", type=float, default=None, help="KL weight at epoch 0 (b in thesis eq. 5.8)")
-    p.add_argument("--lam-end", type=float, default=None, help="KL weight after --lam-epochs (a)")
-    p.add_argument("--lam-epochs", type=float, default=None, help="epochs of linear decay (E)")
+    p.add_argument("--block-size", type=POSITIVE_INT, default=None, help="CARP: prototypes per partition block N_B")
+    p.add_argument("--lam-start", type=NONNEGATIVE, default=None, help="KL weight at epoch 0 (b in thesis eq. 5.8)")
+    p.add_argument("--lam-end", type=NONNEGATIVE, default=None, help="KL weight after --lam-epochs (a)")
+    p.add_argument("--lam-epochs", type=NONNEGATIVE, default=None, help="epochs of linear decay (E)")
     p.add_argument("--kl", default=None, choices=["per-view", "pooled"],
                    help="CARL/CARP: the KL of each view's batch-mean assignment (thesis), or of all views pooled")
-    p.add_argument("--temperature", type=float, default=None, help="SimCLR, SwAV, MoCo v2")
-    p.add_argument("--queue-size", type=int, default=None,
+    p.add_argument("--temperature", type=POSITIVE, default=None, help="SimCLR, SwAV, MoCo v2")
+    p.add_argument("--queue-size", type=COUNT, default=None,
                    help="MoCo v2's negatives, SwAV's Sinkhorn bank (0: none): a multiple of the rows a step adds")
     p.add_argument("--teacher", default=None, choices=["none", "ema"],
                    help="CARL/CARP: targets from an EMA teacher of the student (BYOL and MoCo v2 always have one)")
-    p.add_argument("--teacher-momentum", type=float, default=None, help="EMA momentum at the first step")
-    p.add_argument("--teacher-momentum-end", type=float, default=None,
+    p.add_argument("--teacher-momentum", type=UNIT, default=None, help="EMA momentum at the first step")
+    p.add_argument("--teacher-momentum-end", type=UNIT, default=None,
                    help="... at the last (a per-step cosine between the two; equal: constant)")
     p.add_argument("--export-teacher", action="store_true", help="backbone.pt holds the teacher's backbone")
     p.add_argument("--views", default=None, choices=list(augment.VIEWS),
                    help="view pipeline (augment.py); default: the method's")
-    p.add_argument("--global-crops", type=int, default=None, help="global crops per image (CARL, CARP, SwAV: >= 2)")
-    p.add_argument("--local-crops", type=int, default=None, help="multi-crop: small crops per image (CARL, CARP, SwAV)")
-    p.add_argument("--local-size", type=int, default=None, help="local crops' size (default: 96 at 224 px, else half)")
-    p.add_argument("--local-scale", type=float, nargs=2, default=None, metavar=("A", "B"),
+    p.add_argument("--global-crops", type=CROPS, default=None, help="global crops per image (CARL, CARP, SwAV: >= 2)")
+    p.add_argument("--local-crops", type=COUNT, default=None, help="multi-crop: small crops per image (CARL, CARP, SwAV)")
+    p.add_argument("--local-size", type=POSITIVE_INT, default=None, help="local crops' size (default: 96 at 224 px, else half)")
+    p.add_argument("--local-scale", type=POSITIVE, nargs=2, default=None, metavar=("A", "B"),
                    help="local crops' area range (default 0.05 0.2)")
     p.add_argument("--loader", default=None, choices=["device", "workers"],
                    help="device: the dataset decoded once into memory on the training device, views made there in "
@@ -232,21 +264,21 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model, the teacher and the device loader's views (default: on GPU only; "
                         "the first step then takes about a minute)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes per rank (--loader workers)")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--resume", default=None,
                    help="continue from this run.pt (only needed when it lies outside --out-dir)")
-    p.add_argument("--ckpt-every-epochs", type=int, default=1,
+    p.add_argument("--ckpt-every-epochs", type=POSITIVE_INT, default=1,
                    help="write run.pt at the end of every N-th epoch (more than 1 where epochs take seconds)")
-    p.add_argument("--ckpt-every-min", type=float, default=15.0, help="also write run.pt inside an epoch this often")
-    p.add_argument("--knn-every", type=int, default=None,
+    p.add_argument("--ckpt-every-min", type=POSITIVE, default=15.0, help="also write run.pt inside an epoch this often")
+    p.add_argument("--knn-every", type=COUNT, default=None,
                    help="kNN top-1 (k=200) every N epochs, after the last, and before the first (default: 1 for "
                         "synthetic, else 0 = off)")
-    p.add_argument("--knn-train-subset", type=int, default=None, help="kNN bank: a class-balanced subset of this many")
-    p.add_argument("--knn-test-subset", type=int, default=None, help="kNN queries: a class-balanced subset")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--knn-train-subset", type=POSITIVE_INT, default=None, help="kNN bank: a class-balanced subset of this many")
+    p.add_argument("--knn-test-subset", type=POSITIVE_INT, default=None, help="kNN queries: a class-balanced subset")
+    p.add_argument("--seed", type=COUNT, default=0)
+    p.add_argument("--log-every", type=POSITIVE_INT, default=10, help="steps between log lines")
     args = p.parse_args(argv)
     return resolve(args)
 
@@ -307,14 +339,8 @@ def resolve(args):
         args.loader = data.default_loader(args.dataset, args.image_size)
     if args.optimizer not in ("larc", "lars", "sgd"):
         fail(f"unknown --optimizer {args.optimizer!r}; choose larc, lars or sgd")
-    for key in ("epochs", "batch_size", "num_prototypes", "block_size", "image_size", "log_every", "proto_init_gain",
-                "final_lr_ratio", "ckpt_every_min", "ckpt_every_epochs", "temperature", "local_size", "train_subset",
-                "knn_train_subset", "knn_test_subset"):
-        if getattr(args, key) is not None and getattr(args, key) <= 0:
-            fail(f"{flag(key)} must be positive")
-    for key in ("knn_every", "local_crops", "queue_size"):
-        if getattr(args, key) is not None and getattr(args, key) < 0:
-            fail(f"{flag(key)} must be 0 (off) or positive")
+    if args.warmup_epochs >= args.epochs:
+        fail(f"--warmup-epochs {args.warmup_epochs:g} must be shorter than the run's --epochs {args.epochs}")
     if args.block_size is not None and args.num_prototypes % args.block_size:
         fail(f"--num-prototypes {args.num_prototypes} is not divisible by --block-size {args.block_size}")
     if args.until_epoch is not None and not 0 < args.until_epoch <= args.epochs:
@@ -327,15 +353,16 @@ def resolve_views_and_teacher(args, method, given):
     """The crops, the teacher and the queue: what each method can take."""
     if not method.multiview and (args.global_crops != 2 or args.local_crops):
         fail(f"--method {args.method}'s loss takes two views: --global-crops 2 and no --local-crops")
-    if args.global_crops < 2:
-        fail("--global-crops must be 2 or more: each global crop is the target of another view")
+    stride = 8 if args.cifar_stem else 32  # smaller crops reach layer4's stride-2 convs as 1x1 maps (and, on
+    if args.image_size < stride:  # CPUs, bf16 gave NaN gradients there: RESULTS.md, "What was found")
+        fail(f"--image-size {args.image_size} is below the network's stride ({stride} px with the "
+             f"{'cifar' if args.cifar_stem else 'imagenet'} stem)")
     if args.local_crops:
         args.local_size = args.local_size or (96 if args.image_size >= 224 else args.image_size // 2)
         args.local_scale = tuple(args.local_scale or (0.05, 0.2))
         if not 0 < args.local_scale[0] < args.local_scale[1] <= 1:
             fail(f"--local-scale {args.local_scale[0]:g} {args.local_scale[1]:g} must satisfy 0 < A < B <= 1")
-        stride = 8 if args.cifar_stem else 32  # smaller crops reach layer4's stride-2 convs as 1x1 maps (and, on
-        if args.local_size < stride:  # CPUs, bf16 gave NaN gradients there: RESULTS.md, "What was found")
+        if args.local_size < stride:
             fail(f"--local-size {args.local_size} is below the network's stride ({stride} px with the "
                  f"{'cifar' if args.cifar_stem else 'imagenet'} stem)")
     elif given & {"local_size", "local_scale"}:
@@ -348,10 +375,6 @@ def resolve_views_and_teacher(args, method, given):
         fail("--export-teacher exports the EMA teacher's backbone: the run has none (--teacher ema)")
     if args.teacher == "none" and given & {"teacher_momentum", "teacher_momentum_end"}:
         fail("--teacher-momentum and --teacher-momentum-end are for the EMA teacher: give --teacher ema too")
-    if args.teacher == "ema":
-        for key in ("teacher_momentum", "teacher_momentum_end"):
-            if not 0 <= getattr(args, key) <= 1:
-                fail(f"{flag(key)} must lie in [0, 1]")
     if args.prototypes == "unit":  # scaling a unit-norm prototype changes nothing
         if "proto_init_gain" in given and args.proto_init_gain != 1:
             fail("--proto-init-gain does not change unit-norm prototypes (--prototypes unit)")
@@ -428,7 +451,8 @@ def schedules(args, steps_per_epoch):
     return out
 
 
-def describe_schedules(args, lr):
+def describe_schedules(args):
+    lr = args.lr * args.batch_size / 256  # the peak: a warm-up starts at 0
     warm = f"{args.warmup_epochs:g}-epoch warm-up" if args.warmup_epochs else "no warm-up"
     text = f"lr {lr:g} -> {lr * args.final_lr_ratio:g} (cosine, {warm})"
     if args.lam_start is not None and args.lam_start == args.lam_end:
@@ -683,7 +707,7 @@ class Bookkeeping:
             os.makedirs(args.out_dir, exist_ok=True)
             log = trim_log(self.log_path, start_step)  # drop what an interrupted run logged after its checkpoint
             print(describe_run(args, data_info["num_images"], world, device, self.spe), flush=True)
-            print(describe_schedules(args, float(run.schedules["lr"][0])), flush=True)
+            print(describe_schedules(args), flush=True)
             if args.recipe_values:  # the recipe's values, and where the command line overrides one
                 print(f"recipe {args.recipe}: " + " ".join(
                     f"{flag(k)} {shown(v)}" + ("" if getattr(args, k) == v else f" (here {shown(getattr(args, k))})")
@@ -720,9 +744,9 @@ class Bookkeeping:
             rec = {"epoch": step // self.spe, "step": step, "knn_top1": round(top1, 2), "knn_top5": round(top5, 2),
                    "seconds": round(time.time() - t0, 1)}
             self.knn_records.append(rec)
-            append_log(self.log_path, rec)
             print(f"knn ep {rec['epoch']}: top-1 {top1:.2f}{knn_gain(self.knn_records)}, top-5 {top5:.2f}, "
                   f"{rec['seconds']:.0f} s", flush=True)
+            append_log(self.log_path, rec)
         if self.world > 1:
             dist.barrier(group=self.control)  # the other ranks wait for rank 0's evaluation
 
@@ -773,10 +797,10 @@ class Bookkeeping:
         rec = {"epoch": epoch, "step": step, "loss": loss.item(), **{k: float(v) for k, v in stats.items()}, **now,
                "img_per_s": round(rate, 1), "eta_min": round((self.end - step - 1) * self.args.batch_size / rate / 60, 1),
                "time": round(t - self.t_start, 3)}
-        append_log(self.log_path, rec)
         shown = " ".join(f"{k.replace('_', '-')} {rec[k]:.4g}" for k in [*stats, *now])
         print(f"ep {epoch} step {step}/{self.total} loss {rec['loss']:.4f} {shown} {rate:.0f} img/s eta "
               f"{rec['eta_min']}m", flush=True)
+        append_log(self.log_path, rec)
 
     def finish(self):
         if self.rank == 0:
@@ -793,10 +817,21 @@ class Bookkeeping:
 
 def main(argv=None):
     args = parse_args(argv)
-    stop_signal = []  # SIGTERM/SIGUSR1 received; looked at after every step
-    previous = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum)) for s in STOP_SIGNALS}
+    stop_signal = []  # the STOP_SIGNALS received; looked at after every step
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in stop_signal:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without saving
+        stop_signal.append(signum)
+        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+            print("Ctrl-C: stopping after this step with run.pt saved (Ctrl-C again: now, unsaved)",
+                  file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
         pretrain(args, stop_signal)
+    except KeyboardInterrupt:
+        fail(f"stopped by a second Ctrl-C; {args.out_dir} holds the last run.pt saved, if any")
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor's kernels
         if os.environ.get("TORCHDYNAMO_VERBOSE") == "1":
             raise
@@ -807,6 +842,21 @@ def main(argv=None):
             signal.signal(s, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_out_dir(path):
+    """One line now, before any long work, if --out-dir is a file or cannot be written; creates nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"--out-dir {path} is a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):  # the nearest existing folder: os.makedirs will write there
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent):
+        fail(f"--out-dir {path} cannot be made: {parent} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".write-test-"))
+    except OSError as e:
+        fail(f"--out-dir {path} cannot be written ({parent}: {e.strerror or e})")
 
 
 def find_checkpoint(args, rank, world, control):
@@ -838,6 +888,8 @@ def pretrain(args, stop_signal):
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     rank, world, device, control = setup_distributed()
+    if rank == 0:
+        check_out_dir(args.out_dir)
     ckpt, resume_from = find_checkpoint(args, rank, world, control)
     if ckpt is not None and ckpt["epoch"] >= (args.until_epoch or args.epochs):
         if rank == 0:

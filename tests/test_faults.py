@@ -66,7 +66,8 @@ def device_run(tmp_path_factory):
 
 # ---------------------------------------------------------------- preemption and mid-epoch checkpoints
 
-@pytest.mark.parametrize("loader,signum", [("device", signal.SIGTERM), ("workers", signal.SIGUSR1)])
+@pytest.mark.parametrize("loader,signum", [("device", signal.SIGTERM), ("workers", signal.SIGUSR1),
+                                           ("device", signal.SIGINT)])  # SIGINT: Ctrl-C
 def test_signal_mid_epoch_then_same_command_matches_uninterrupted(tmp_path, monkeypatch, capsys, request,
                                                                   loader, signum):
     argv = [*CARL, "--loader", loader, "--workers", "2" if loader == "workers" else "0"]
@@ -85,6 +86,38 @@ def test_signal_mid_epoch_then_same_command_matches_uninterrupted(tmp_path, monk
     assert "continuing" in capsys.readouterr().out
     assert_same_weights(os.path.join(reference, "run.pt"), os.path.join(out, "run.pt"))
     assert [r["step"] for r in read_log(out)] == list(range(6))
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    real = train.train_step
+
+    def step_then_two_ctrl_c(*args):
+        out = real(*args)
+        if args[-1] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train, "train_step", step_then_two_ctrl_c)
+    with pytest.raises(SystemExit, match=r"^error: stopped by a second Ctrl-C; .* holds the last run\.pt"):
+        run_main([*CARL, "--out-dir", str(tmp_path / "run")])
+    assert "Ctrl-C again: now, unsaved" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file", "read-only"])
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(train, "load_pretrain_data", lambda *a: pytest.fail("data loaded before the check"))
+    (tmp_path / "f").write_text("a file")
+    out = {"file": tmp_path / "f", "under-a-file": tmp_path / "f" / "run", "read-only": tmp_path / "ro" / "run"}
+    if where == "read-only":  # root writes through permission bits, so the refusal is simulated
+        def refuse(dir, prefix):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(train.tempfile, "mkdtemp", refuse)
+    match = {"file": r"--out-dir .*f is a file, not a folder$", "under-a-file": r"cannot be made: .*f is a file$",
+             "read-only": r"--out-dir .*run cannot be written \(.*: Permission denied\)$"}[where]
+    with pytest.raises(SystemExit, match=match):
+        run_main([*CARL, "--out-dir", str(out[where])])
+    assert sorted(os.listdir(tmp_path)) == ["f"]
 
 
 def test_knn_skipped_by_a_stop_at_an_epoch_end_runs_on_continuing(tmp_path, monkeypatch, capsys):

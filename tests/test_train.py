@@ -389,9 +389,9 @@ def test_startup_line_states_both_schedules(capsys):
     for method, expected in (("carl", "lr 0.6 -> 0.0006 (cosine, no warm-up), lambda 4 -> 1.5 over 100 epochs"),
                              ("carp", "lr 5.4 -> 0.00054 (cosine, no warm-up), lambda 2 -> 0.15 over 30 epochs")):
         args = train.parse_args(["--method", method, "--dataset", "cifar10"])
-        assert train.describe_schedules(args, args.lr * args.batch_size / 256) == expected
+        assert train.describe_schedules(args) == expected
     args = train.parse_args(["--dataset", "cifar10", "--warmup-epochs", "10", "--batch-size", "512"])
-    assert train.describe_schedules(args, 1.2).startswith("lr 1.2 -> 0.0012 (cosine, 10-epoch warm-up)")
+    assert train.describe_schedules(args).startswith("lr 1.2 -> 0.0012 (cosine, 10-epoch warm-up)")
 
 
 def test_run_prints_the_schedules_first(tmp_path, capsys):
@@ -400,6 +400,14 @@ def test_run_prints_the_schedules_first(tmp_path, capsys):
     assert lines[0].startswith("carl resnet18 on synthetic: 120 images")
     assert lines[1] == "lr 1.2 -> 0.0012 (cosine, no warm-up), lambda 1.5 -> 1 over 2 epochs"
     assert lines[2].startswith("ep 0 step 0/3 ")
+
+
+def test_a_warm_up_run_states_its_peak_lr(tmp_path, capsys):
+    """The schedule's first value is 0 under a warm-up; the line gives the lr it warms up to."""
+    run_main([*CARL, "--epochs", "2", "--warmup-epochs", "1", "--until-epoch", "1", "--out-dir",
+              str(tmp_path / "r")])
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith("lr 1.2 -> 0.0012 (cosine, 1-epoch warm-up)")
 
 
 # ---------------------------------------------------------------- kNN monitor
@@ -507,7 +515,7 @@ def assert_untouched(d, fp):
      r"--local-size 4 is below the network's stride \(8 px with the cifar stem\)"),
     (["--method", "byol", "--teacher", "none"], r"--method byol needs its EMA teacher \(--teacher ema\)"),
     (["--method", "carl", "--teacher-momentum", "0.9"], r"--teacher-momentum-end are for the EMA teacher"),
-    (["--method", "carl", "--teacher", "ema", "--teacher-momentum", "1.5"], r"--teacher-momentum must lie in \[0, 1\]"),
+    (["--method", "carl", "--teacher", "ema", "--teacher-momentum", "1.5"], r"--teacher-momentum must be in \[0, 1\]"),
     (["--method", "mocov2", "--batch-size", "64", "--queue-size", "1000"],
      r"--queue-size 1000 is not a multiple of the 128 rows each step adds \(2 views x --batch-size 64\)"),
     (["--method", "mocov2", "--queue-size", "0"], r"--method mocov2 takes its negatives from a queue"),
@@ -515,16 +523,29 @@ def assert_untouched(d, fp):
     (["--recipe", "dino"], r"unknown --recipe 'dino'"),
     (["--method", "carl", "--prototypes", "unit", "--proto-init-gain", "2"], r"--proto-init-gain does not change"),
     (["--method", "simclr", "--export-teacher"], r"--export-teacher exports the EMA teacher's backbone: the run has none"),
-    (["--method", "carp", "--block-size", "0"], r"--block-size must be positive"),
+    (["--method", "carp", "--block-size", "0"], r"--block-size must be a positive integer, not 0$"),
     (["--epochs", "2", "--until-epoch", "3"], r"--until-epoch 3 must lie in 1\.\.--epochs 2"),
-    (["--batch-size", "0"], r"--batch-size must be positive"),
-    (["--proto-init-gain", "0"], r"--proto-init-gain must be positive"),
+    (["--batch-size", "0"], r"--batch-size must be a positive integer, not 0$"),
+    (["--proto-init-gain", "0"], r"--proto-init-gain must be positive, not 0$"),
     (["--final-lr-ratio", "0"], r"--final-lr-ratio must be positive"),
     (["--ckpt-every-min", "0"], r"--ckpt-every-min must be positive"),
-    (["--ckpt-every-epochs", "0"], r"--ckpt-every-epochs must be positive"),
-    (["--knn-every", "-1"], r"--knn-every must be 0 \(off\) or positive"),
-    (["--train-subset", "-10"], r"--train-subset must be positive"),
-    (["--knn-test-subset", "0"], r"--knn-test-subset must be positive"),
+    (["--ckpt-every-epochs", "0"], r"--ckpt-every-epochs must be a positive integer"),
+    (["--knn-every", "-1"], r"--knn-every must be 0 or a positive integer, not -1$"),
+    (["--train-subset", "-10"], r"--train-subset must be a positive integer"),
+    (["--knn-test-subset", "0"], r"--knn-test-subset must be a positive integer"),
+    # each flag's range at parse time
+    (["--image-size", "0"], r"--image-size must be a positive integer, not 0$"),
+    (["--image-size", "4"], r"--image-size 4 is below the network's stride \(8 px with the cifar stem\)"),
+    (["--lr", "-0.1"], r"--lr must be positive, not -0\.1$"),
+    (["--lr", "nan"], r"--lr must be positive, not nan$"),
+    (["--weight-decay", "-0.0001"], r"--weight-decay must be 0 or positive, not -0\.0001$"),
+    (["--lam-start", "-1"], r"--lam-start must be 0 or positive"),
+    (["--workers", "-1"], r"--workers must be 0 or a positive integer, not -1$"),
+    (["--epochs", "two"], r"--epochs must be a positive integer, not two$"),
+    (["--seed", "-1"], r"--seed must be 0 or a positive integer"),
+    (["--method", "carl", "--teacher", "ema", "--teacher-momentum", "-0.5"], r"--teacher-momentum must be in"),
+    (["--epochs", "2", "--warmup-epochs", "3"], r"--warmup-epochs 3 must be shorter than the run's --epochs 2"),
+    (["--views", "dino"], r"--views invalid choice: 'dino'"),
     (["--optimizer", "adam"], r"unknown --optimizer 'adam'; choose larc, lars or sgd"),
 ])
 def test_bad_flags_exit_before_any_work(tmp_path, argv, match):
