@@ -1,17 +1,17 @@
-"""Networks: ResNet backbone (torchvision, optional CIFAR stem), projection head, each method's last
+"""Networks: ResNet backbone (torchvision, optional CIFAR stem), projection head, the method's last
 part; the EMA teacher and the queue that some methods keep.
 
     view -> backbone -> (B, F) features -> projection head -> (B, D) embedding z -> last part -> (B, K or D)
 
-The last part (`Model.out`) is the method's: CARL's prototypes (one bias-free linear layer), CARP's
-assigner (an MLP with BatchNorm whose last layer holds the prototypes), BYOL's predictor, SwAV's
-prototypes over the L2-normalised z, nothing for SimCLR and MoCo v2. The backbone is a plain
-torchvision ResNet with `fc` replaced by Identity, so its state_dict loads into
-`torchvision.models.resnet18()` (after the same stem change) with only `fc` missing.
+The last part (`Model.out`) is built by the method's entry in methods.py (CARL's prototypes, CARP's
+assigner, BYOL's predictor, ...); this file knows no method. The backbone is a plain torchvision
+ResNet with `fc` replaced by Identity, so its state_dict loads into `torchvision.models.resnet18()`
+(after the same stem change) with only `fc` missing.
 """
 import copy
 import os
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,21 +19,21 @@ import torch.nn.functional as F
 import torchvision
 
 ARCHS = ("resnet18", "resnet50")
-METHODS = ("carl", "carp", "simclr", "byol", "swav", "mocov2")
 HEADS = ("thesis", "neurips23")
 EMBED_DIM = 128
 CIFAR_STEM_MAX_PX = 64  # images up to this size get the CIFAR stem unless told otherwise
 
 
-def build_backbone(arch, cifar_stem):
+def build_backbone(arch, cifar_stem, zero_init_residual=False):
     """torchvision ResNet without pretrained weights and without `fc`; returns (net, feature dim).
 
     The CIFAR stem (3x3 conv, stride 1, no max-pool) keeps the spatial resolution of small
     (<= 64 px) images, which the ImageNet stem (7x7 stride 2 + max-pool) would shrink 4x at once.
+    zero_init_residual: each block's last BatchNorm starts at 0, so every block starts as identity.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    net = getattr(torchvision.models, arch)(weights=None)
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -53,13 +53,20 @@ def mlp(in_dim, hidden, out_dim, hidden_layers, act=nn.ReLU):
 
 
 def projection_head(kind, feat_dim):
-    """(head, embedding width). thesis (5.8.2, the same for every method): 2 hidden layers as wide as the
-    features, BatchNorm, ReLU, 128-d out. neurips23 (the published CARP head): 3 layers, 2048 hidden,
-    BatchNorm, GELU, to a 256-d bottleneck."""
+    """(head, embedding width). thesis (5.8.2, the same for every method): 2 hidden layers as wide
+    as the features, BatchNorm, ReLU, 128-d out, PyTorch's init. neurips23 (the published CARP
+    head): 3 layers, 2048 hidden, BatchNorm, GELU, to a 256-d bottleneck, weights drawn from a
+    normal of std 0.02 truncated at +-2 and biases 0, as its code does."""
     if kind == "thesis":
         return mlp(feat_dim, feat_dim, EMBED_DIM, hidden_layers=2), EMBED_DIM
     if kind == "neurips23":
-        return mlp(feat_dim, 2048, 256, hidden_layers=2, act=nn.GELU), 256
+        head = mlp(feat_dim, 2048, 256, hidden_layers=2, act=nn.GELU)
+        for layer in head:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02, a=-2, b=2)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        return head, 256
     raise ValueError(f"unknown --head {kind!r}; choose one of {', '.join(HEADS)}")
 
 
@@ -75,54 +82,34 @@ class UnitPrototypes(nn.Module):
         return z @ F.normalize(self.weight, dim=1).T  # (B, K)
 
 
+class Outputs(NamedTuple):
+    """A network's outputs for a list of views: one tensor per view in each."""
+    z: list  # (B, D) embeddings: the projection head's
+    out: list  # (B, K or D): the last part's
+
+
 class Model(nn.Module):
-    """Backbone + projection head + the method's last part (`out`, see the module docstring).
+    """Backbone + projection head + the method's last part `out`.
 
+    last(dim, feat_dim) -> (the last part, its prototype layer or None) is called after the head is
+    built (so a fixed seed gives the same weights whatever the method's entry does); normalize: the
+    last part sees L2-normalised embeddings (SwAV), which are also what the loss gets as z.
     forward(views) takes a list of view batches, each (B, 3, S, S) (sizes may differ between views:
-    multi-crop), runs each run of equal-sized views as one batch, and returns (embeddings, outputs):
-    one (B, D) z and one (B, K or D) output per view."""
+    multi-crop), runs each run of equal-sized views as one batch, and returns Outputs."""
 
-    def __init__(self, method, arch="resnet18", cifar_stem=True, num_prototypes=100, proto_init_gain=1.0,
-                 head="thesis", prototypes="linear"):
+    def __init__(self, arch, cifar_stem, head, last, normalize=False, zero_init_residual=False):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-        self.backbone, feat_dim = build_backbone(arch, cifar_stem)
+        self.backbone, feat_dim = build_backbone(arch, cifar_stem, zero_init_residual)
         self.head, dim = projection_head(head, feat_dim)
-        self.normalize = method == "swav"  # SwAV's prototypes score the L2-normalised embedding
-
-        def prototype_layer(d):  # (B, d) -> (B, K)
-            if prototypes == "unit":
-                return UnitPrototypes(d, num_prototypes)
-            # CARL, eq. 5.2: q_j = <z, c_j>, no bias; the thesis's CARP assigner is an MLP, its last layer biased
-            return nn.Linear(d, num_prototypes, bias=method == "carp" and head == "thesis")
-
-        self.prototypes_at = None  # the name of the layer whose rows are the prototypes, if any
-        if method in ("carl", "swav") or method == "carp" and head == "neurips23":  # the published head ends in them
-            self.out, self.prototypes_at = prototype_layer(dim), "out"
-        elif method == "carp":  # thesis 6.5.2: an MLP as wide as the projection head, its last layer the prototypes
-            self.out = nn.Sequential(nn.Linear(dim, feat_dim, bias=False), nn.BatchNorm1d(feat_dim), nn.ReLU(),
-                                     prototype_layer(feat_dim))
-            self.prototypes_at = "out.3"
-        elif method == "byol":  # thesis 5.8.5: the predictor has the projection head's shape
-            self.out = mlp(dim, feat_dim, dim, hidden_layers=2)
-        else:  # simclr, mocov2: the loss takes z itself
-            self.out = nn.Identity()
-        # Prototypes start at PyTorch's default init times a gain. With gain 1 the initial logits have a
-        # std of ~0.2: assignments start uniform and the loss's gradient reaching the backbone is ~30x
-        # weaker than SimCLR's (RESULTS.md, "What was found"); 5 (CARL) or 3 (CARP) starts them at ~1.
-        if self.prototypes is not None and proto_init_gain is not None:  # None (SwAV): PyTorch's init as it is
-            with torch.no_grad():
-                self.prototypes.weight.mul_(proto_init_gain)
-                if getattr(self.prototypes, "bias", None) is not None:
-                    self.prototypes.bias.mul_(proto_init_gain)
-        if method == "swav":  # SwAV's prototypes live on the unit sphere (train.py keeps them there)
-            with torch.no_grad():
-                self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+        self.normalize = normalize
+        self.out, protos = last(dim, feat_dim)
+        # where the prototypes are inside `out` ("" when `out` is them): a name, not a second reference,
+        # which would list them twice in the state_dict
+        self.prototypes_at = next((n for n, m in self.out.named_modules() if m is protos), None)
 
     @property
     def prototypes(self):
-        return self.get_submodule(self.prototypes_at) if self.prototypes_at else None
+        return None if self.prototypes_at is None else self.out.get_submodule(self.prototypes_at)
 
     def forward(self, views):
         embeddings, outputs, i = [], [], 0
@@ -136,7 +123,7 @@ class Model(nn.Module):
             embeddings += z.chunk(j - i)
             outputs += self.out(z).chunk(j - i)
             i = j
-        return embeddings, outputs
+        return Outputs(embeddings, outputs)
 
 
 class EMATeacher:
@@ -171,9 +158,9 @@ class EMATeacher:
         order = torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).to(views[0].device)  # (B,)
         groups = [self.run([v[idx] for v in views]) for idx in order.split(min(self.bn_group, batch // 2))]
         undo = order.argsort()  # (B,): back to the batch's order
-        embeddings = [torch.cat([g[0][v] for g in groups])[undo] for v in range(len(views))]  # V of (B, D)
-        outputs = [torch.cat([g[1][v] for g in groups])[undo] for v in range(len(views))]  # V of (B, K or D)
-        return embeddings, outputs
+        embeddings = [torch.cat([g.z[v] for g in groups])[undo] for v in range(len(views))]  # V of (B, D)
+        outputs = [torch.cat([g.out[v] for g in groups])[undo] for v in range(len(views))]  # V of (B, K or D)
+        return Outputs(embeddings, outputs)
 
 
 class Queue:
@@ -228,10 +215,3 @@ def load_checkpoint(path, keys=("model", "args")):
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
         raise SystemExit(f"error: {path} is not a run.pt written by train.py (no 'model'/'args' entries)")
     return ckpt
-
-
-if __name__ == "__main__":  # quick shape check: python model.py
-    for method in METHODS:
-        m = Model(method, "resnet18", True, 300).to(memory_format=torch.channels_last)
-        z, out = m([torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)] * 2)
-        print(method, tuple(z[0].shape), tuple(out[0].shape))

@@ -103,7 +103,6 @@ def main():
         help="the loaders whose data-alone speed and train.py loop are measured"))
     args = train.parse_args([*flags, "--knn-every", "0"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train.resolve_speed_flags(args, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; {args.method} {args.arch}, {args.image_size} px, batch {args.batch_size}, amp {args.amp}"
           f"{', compiled' if args.compile else ''}; {opts.steps} timed steps", flush=True)

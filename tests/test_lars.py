@@ -155,9 +155,9 @@ def test_param_groups_splits_1d_params():
 
 
 def test_param_groups_on_assignment_model_cover_every_param_once():
-    import model as models
+    import train
 
-    m = models.Model("carp", "resnet18", True, 20)
+    m = train.build_model(train.parse_args(["--method", "carp", "--dataset", "cifar10"]))
     decay, excl = lars.param_groups(m)
     all_ids = [id(p) for p in m.parameters()]
     got = [id(p) for p in decay["params"]] + [id(p) for p in excl["params"]]

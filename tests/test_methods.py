@@ -103,7 +103,7 @@ def test_swav_prototypes_frozen_for_the_first_epoch_and_kept_on_the_sphere(tmp_p
     argv = [*RUNS["swav"], *BASE, "--out-dir", str(tmp_path / "r")]
     run_main([*argv, "--until-epoch", "1"])
     torch.manual_seed(0)
-    init = models.Model("swav", "resnet18", True, 30).prototypes.weight
+    init = train.build_model(train.parse_args(argv)).prototypes.weight
     after_one = load(tmp_path / "r" / "run.pt")["model"]["out.weight"]
     torch.testing.assert_close(after_one, init, rtol=0, atol=1e-6)  # epoch 0: no update (but the normalising's rounding)
     run_main(argv)
@@ -125,7 +125,6 @@ def test_teacher_receives_no_gradient_and_follows_the_schedule(monkeypatch):
     """One real step of BYOL: no teacher weight has a gradient, and the teacher is m * teacher + (1 - m) *
     student with m from the per-step cosine (0.99 at the first step)."""
     args = train.parse_args([*RUNS["byol"], *BASE])
-    train.resolve_speed_flags(args, torch.device("cpu"))
     run = train.build_run(args, torch.device("cpu"), 1, steps_per_epoch=3)
     before = [p.clone() for p in run.teacher.net.parameters()]
     views = [torch.randn(16, 3, 8, 8), torch.randn(16, 3, 8, 8)]

@@ -1,11 +1,21 @@
-"""model.py: shapes, stems, heads, each method's last part, channels_last, backbone export, the EMA teacher,
-the queue."""
+"""model.py: shapes, stems, heads, each method's last part (methods.py builds it), channels_last,
+backbone export, the EMA teacher, the queue."""
+import argparse
+
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
 import model as models
+import train
+
+
+def model_of(method, num_prototypes=30, arch="resnet18", cifar_stem=True, **flags):
+    """The network train.py builds for --method with these flags (the rest at the thesis's)."""
+    args = dict(method=method, arch=arch, cifar_stem=cifar_stem, num_prototypes=num_prototypes,
+                head="thesis", prototypes="linear", proto_init_gain=1.0, zero_init_residual=False)
+    return train.build_model(argparse.Namespace(**{**args, **flags}))
 
 
 def layer4_shape(m, x):
@@ -33,7 +43,7 @@ def tv_resnet(arch, cifar_stem):
 @pytest.mark.parametrize("method", ["carl", "carp"])
 def test_resnet18_cifar_stem_32px_shapes(method):
     torch.manual_seed(0)
-    m = models.Model(method, "resnet18", cifar_stem=True, num_prototypes=37)
+    m = model_of(method, 37)
     x = torch.randn(4, 3, 32, 32)
     logits, s4 = layer4_shape(m, x)  # train mode (BatchNorm with a batch of 4)
     assert logits.shape == (4, 37)
@@ -50,7 +60,7 @@ def test_resnet18_cifar_stem_32px_shapes(method):
 def imagenet_stem_224px(method, arch, num_prototypes, batch):
     """(model, logits, layer4 output shape) of an eval-mode model without the CIFAR stem at 224 px."""
     torch.manual_seed(0)
-    m = models.Model(method, arch, cifar_stem=False, num_prototypes=num_prototypes).eval()
+    m = model_of(method, num_prototypes, arch, cifar_stem=False).eval()
     with torch.no_grad():
         logits, s4 = layer4_shape(m, torch.randn(batch, 3, 224, 224))
     return m, logits, s4
@@ -73,17 +83,15 @@ def test_resnet50_224px_shapes_and_widths():
     assert m.out[0].in_features == 128 and m.out[0].out_features == 2048
 
 
-def test_unknown_arch_and_method_raise():
+def test_unknown_arch_raises():
     with pytest.raises(ValueError, match="arch"):
-        models.Model("carl", "resnet34")
-    with pytest.raises(ValueError, match="method"):
-        models.Model("dino", "resnet18")
+        models.build_backbone("resnet34", True)
 
 
 @pytest.mark.parametrize("method", ["carl", "carp"])
 def test_channels_last(method):
     torch.manual_seed(0)
-    m = models.Model(method, "resnet18", True, 20).eval()
+    m = model_of(method, 20).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = m([x])[1][0]
@@ -102,7 +110,7 @@ def test_channels_last(method):
 
 
 def test_carl_assigner_is_one_linear():
-    m = models.Model("carl", "resnet18", True, 100)
+    m = model_of("carl", 100)
     assert type(m.out) is nn.Linear and m.prototypes is m.out
     assert (m.out.in_features, m.out.out_features) == (128, 100)
     assert m.out.weight.shape == (100, 128)  # K prototype rows
@@ -110,7 +118,7 @@ def test_carl_assigner_is_one_linear():
 
 
 def test_carp_assigner_is_mlp_with_batchnorm():
-    m = models.Model("carp", "resnet18", True, 250)
+    m = model_of("carp", 250)
     a = m.out
     assert isinstance(a, nn.Sequential) and m.prototypes is a[-1]
     kinds = [type(mod) for mod in a]
@@ -121,7 +129,7 @@ def test_carp_assigner_is_mlp_with_batchnorm():
 
 
 def test_projection_head_resnet18():
-    m = models.Model("carl", "resnet18", True, 10)
+    m = model_of("carl", 10)
     kinds = [type(mod) for mod in m.head]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     linears = [mod for mod in m.head if isinstance(mod, nn.Linear)]
@@ -132,7 +140,7 @@ def test_projection_head_resnet18():
 @pytest.mark.parametrize("cifar_stem", [True, False])
 def test_backbone_state_dict_loads_into_torchvision(cifar_stem):
     torch.manual_seed(0)
-    m = models.Model("carp", "resnet18", cifar_stem, 20).eval()
+    m = model_of("carp", 20, cifar_stem=cifar_stem).eval()
     sd = m.backbone.state_dict()
     tv = tv_resnet("resnet18", cifar_stem)
     res = tv.load_state_dict(sd, strict=False)
@@ -156,9 +164,9 @@ def test_backbone_state_dict_loads_into_torchvision(cifar_stem):
 @pytest.mark.parametrize("method", ["carl", "carp"])
 def test_proto_init_gain_scales_only_the_prototypes(method):
     torch.manual_seed(0)
-    base = models.Model(method, "resnet18", True, 30)
+    base = model_of(method, 30)
     torch.manual_seed(0)
-    scaled = models.Model(method, "resnet18", True, 30, proto_init_gain=4.0)
+    scaled = model_of(method, 30, proto_init_gain=4.0)
     protos = (lambda m: m.prototypes)
     assert torch.allclose(protos(scaled).weight, 4.0 * protos(base).weight)
     if method == "carp":  # CARL's prototypes have no bias
@@ -176,7 +184,7 @@ def test_proto_init_gain_scales_only_the_prototypes(method):
 @pytest.mark.parametrize("method,out_dim", [("simclr", 128), ("mocov2", 128), ("byol", 128), ("swav", 30)])
 def test_baselines_last_parts(method, out_dim):
     torch.manual_seed(0)
-    m = models.Model(method, "resnet18", True, 30)
+    m = model_of(method, 30)
     z, out = m([torch.randn(4, 3, 16, 16)] * 2)
     assert [tuple(t.shape) for t in z] == [(4, 128)] * 2 and [tuple(t.shape) for t in out] == [(4, out_dim)] * 2
     if method in ("simclr", "mocov2"):  # the loss takes z itself
@@ -194,7 +202,7 @@ def test_baselines_last_parts(method, out_dim):
 @pytest.mark.parametrize("method", ["carl", "carp"])
 def test_published_head_and_unit_prototypes(method):
     torch.manual_seed(0)
-    m = models.Model(method, "resnet18", True, 40, head="neurips23", prototypes="unit")
+    m = model_of(method, 40, head="neurips23", prototypes="unit")
     assert [type(l) for l in m.head] == [nn.Linear, nn.BatchNorm1d, nn.GELU] * 2 + [nn.Linear]
     assert [(l.in_features, l.out_features) for l in m.head if isinstance(l, nn.Linear)] == \
         [(512, 2048), (2048, 2048), (2048, 256)]
@@ -209,11 +217,24 @@ def test_published_head_and_unit_prototypes(method):
     torch.testing.assert_close(m([x])[1][0], out[0], rtol=1e-4, atol=1e-5)
 
 
+def test_published_head_init_and_zero_init_residual():
+    """The official CARP code's inits: its head's weights from a normal of std 0.02 cut at +-2, biases
+    0; its ResNet's residual branches end in a BatchNorm at 0 (every block starts as identity)."""
+    torch.manual_seed(0)
+    m = model_of("carp", 40, head="neurips23", prototypes="unit", zero_init_residual=True)
+    for layer in (l for l in m.head if isinstance(l, nn.Linear)):
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert layer.weight.abs().max() <= 2 and (layer.bias is None or not layer.bias.any())
+    assert all(not b.bn2.weight.any() for layer in (m.backbone.layer1, m.backbone.layer4) for b in layer)
+    thesis = model_of("carp", 40)  # the thesis's: PyTorch's inits
+    assert thesis.head[0].weight.std().item() > 0.02 and thesis.backbone.layer1[0].bn2.weight.all()
+
+
 # ---------------------------------------------------------------- EMA teacher and queue
 
 def test_ema_teacher_update_and_no_gradient():
     torch.manual_seed(0)
-    student = models.Model("byol", "resnet18", True)
+    student = model_of("byol")
     teacher = models.EMATeacher(student)
     assert all(not p.requires_grad for p in teacher.net.parameters())
     before = [p.clone() for p in teacher.net.parameters()]
@@ -233,7 +254,7 @@ def test_ema_teacher_update_and_no_gradient():
 def test_teacher_bn_groups_normalise_shuffled_subsets():
     """MoCo's shuffled BN: each group of the shuffled batch is normalised on its own, then put back in order."""
     torch.manual_seed(0)
-    student = models.Model("mocov2", "resnet18", True)
+    student = model_of("mocov2")
     x = torch.randn(8, 3, 16, 16)
     grouped = models.EMATeacher(student, bn_group=4)
     z, _ = grouped([x], seed=3)
