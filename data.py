@@ -10,6 +10,7 @@ one line naming the path; for cifar10, cifar100 and stl10 (torchvision's on-disk
 the missing or truncated file and the layout expected.
 """
 import concurrent.futures
+import functools
 import hashlib
 import os
 import time
@@ -126,6 +127,11 @@ def _torchvision(cls, name, data_dir, download, **kw):
 class BadImageError(Exception):
     """An image file that cannot be decoded; the message names the file."""
 
+    def line(self):
+        """The message naming the file, also when a DataLoader process raised it (the message then
+        holds the process's traceback, ending with ours)."""
+        return str(self).strip().splitlines()[-1].split("BadImageError: ")[-1]
+
 
 def load_rgb(path):
     """ImageFolder's loader, with one line naming the file when it is unreadable or truncated."""
@@ -171,6 +177,22 @@ def targets(ds):
         return targets(ds.dataset)[torch.as_tensor(ds.indices)]
     labels = ds.labels if hasattr(ds, "labels") else ds.targets  # STL10 keeps .labels
     return torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+
+def fingerprint(ds):
+    """A short hash of what the images at each index of `ds` (a dataset or Subset) are: its kind and
+    folder, and an ImageFolder tree's (file, class) list or else its labels. Files saved for one
+    split (evaluate.py's label subsets) are not reused for another."""
+    if isinstance(ds, torch.utils.data.Subset):
+        key = f"{fingerprint(ds.dataset)}{list(ds.indices)}".encode()
+    else:
+        root = os.path.abspath(ds.root) if hasattr(ds, "root") else ""  # Synthetic: none
+        if hasattr(ds, "samples"):  # ImageFolder
+            content = "".join(f"{os.path.relpath(p, ds.root)},{c};" for p, c in ds.samples).encode()
+        else:
+            content = targets(ds).numpy().tobytes()
+        key = f"{type(ds).__name__},{root},{len(ds)};".encode() + content
+    return hashlib.sha1(key).hexdigest()[:12]
 
 
 def subset_indices(labels, size, flag):
@@ -234,27 +256,52 @@ def memory_budget(device):
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_folder(cache):
+    """`cache`, made if need be; None, said once in one line, when it cannot be made (a read-only
+    home, XDG_CACHE_HOME naming a file): a cache is a convenience, the run goes on without it."""
+    try:
+        os.makedirs(cache, exist_ok=True)
+        return cache
+    except OSError as e:
+        print(f"warning: cannot make the cache folder {cache} ({e.strerror or e}); decoding "
+              f"without a cache (set XDG_CACHE_HOME to a writable folder to keep one)", flush=True)
+        return None
+
+
 def _cache_path(root, tag):
     """Where a decoded ImageFolder split is cached: $XDG_CACHE_HOME/carl-carp (default ~/.cache/carl-carp),
-    named after the split's absolute path (datasets often lie in read-only or shared folders)."""
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "carl-carp")
-    os.makedirs(cache, exist_ok=True)
-    return os.path.join(cache, os.path.abspath(root).strip("/").replace("/", "_") + f".{tag}.uint8.pt")
+    named after the split's absolute path (datasets often lie in read-only or shared folders) and
+    its hash (two paths may read alike once their slashes are replaced); None without a cache
+    folder."""
+    home = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    cache = _cache_folder(os.path.join(home, "carl-carp"))
+    if cache is None:
+        return None
+    root = os.path.abspath(root)
+    name = root.strip("/").replace("/", "_")[-100:]  # file names are limited to 255 bytes
+    digest = hashlib.sha1(root.encode()).hexdigest()[:10]
+    return os.path.join(cache, f"{name}.{digest}.{tag}.uint8.pt")
 
 
 def _decode_folder(ds, keep, size, max_bytes):
     """Images keep[i] of an ImageFolder dataset as (len(keep), 3, H, W) uint8, from the cache when valid."""
     samples = [ds.samples[i][0] for i in keep.tolist()]
-    # The cache is valid while every file keeps its path, size and modification time.
-    stats = [os.stat(p) for p in samples]
-    held = f"v2: mixed sizes held as {augment.eval_resize(size)} px squares by augment.stored_square;"
-    fingerprint = hashlib.sha1((held + "".join(f"{p},{s.st_size},{s.st_mtime_ns};" for p, s in zip(samples, stats)))
-                               .encode()).hexdigest()
+    # The cache is valid while every file keeps its path, size and modification time, and the images
+    # are held as they were (stored_square's squares depend on `size`).
+    try:
+        stats = [os.stat(p) for p in samples]
+    except OSError as e:  # a file gone since the tree was listed
+        _fail(f"cannot read image {e.filename}: {e.strerror}")
+    held = f"v3: mixed sizes held as augment.stored_square({size});"
+    files = "".join(f"{os.path.abspath(p)},{s.st_size},{s.st_mtime_ns};"
+                    for p, s in zip(samples, stats))
+    key = hashlib.sha1((held + files).encode()).hexdigest()
     path = _cache_path(ds.root, f"{size}px" + (f"-{len(keep)}of{len(ds)}" if len(keep) < len(ds) else ""))
-    if os.path.exists(path):
+    if path is not None and os.path.exists(path):
         try:
             cached = torch.load(path, weights_only=True)
-            if cached["fingerprint"] == fingerprint:
+            if cached["fingerprint"] == key:
                 return cached["images"]
         except Exception:  # unreadable or stale cache: decode again
             pass
@@ -294,14 +341,17 @@ def _decode_folder(ds, keep, size, max_bytes):
 
         for _ in run(decode, range(len(samples)), "decoding"):
             pass
+    if path is None:
+        return images
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        torch.save({"fingerprint": fingerprint, "images": images}, tmp)
+        torch.save({"fingerprint": key, "images": images}, tmp)
         os.replace(tmp, path)
     except Exception as e:  # a cache is a convenience (a full disk raises RuntimeError): go on without it
         if os.path.exists(tmp):
             os.remove(tmp)
-        print(f"warning: could not cache the decoded images at {path}: {e}", flush=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"warning: could not cache the decoded images at {path}: {reason}", flush=True)
     return images
 
 

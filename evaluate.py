@@ -15,7 +15,8 @@ Protocols (thesis / InstDisc / DINO eval_knn conventions):
               features of fresh random-resized-crop + flip views every epoch, backbone frozen in eval
               mode (BatchNorm statistics untouched); quote this one beside the thesis's numbers
   semi        backbone + linear layer fine-tuned on class-balanced 1% and 10% label subsets, saved as
-              <ckpt dir>/subset_<dataset>_<pct>pct_seed<seed>.txt and reused
+              <ckpt dir>/subset_<dataset>_<pct>pct_seed<seed>_<hash of the train split's files>.txt
+              and reused
   finetune    the same on 100% of the labels
 Linear probes train 100 epochs, or 50 when evaluating on another dataset than the pretraining one
 (thesis 5.7.2). Architecture, stem, image size and dataset come from the checkpoint's stored args
@@ -25,7 +26,8 @@ from the flags, the weights (stem) and the images (size).
 each split once into memory on the device and makes the views of knn, linear and linear-aug there
 in batches (linear-aug's on PIL workers when the images are larger than the input size); semi and
 finetune use PIL views in DataLoader processes.
-Prints a table and appends one JSON line per result to <ckpt dir>/eval.jsonl.
+Prints each result, then appends it as one JSON line to <ckpt dir>/eval.jsonl (checked writable
+before any work), and a table at the end.
 """
 import argparse
 import json
@@ -51,6 +53,27 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def ranged(kind, what, ok):
+    """An argparse type: text -> kind(text), refused at parse time unless ok(value), argparse's
+    error naming the flag: "argument --knn-t: must be a number > 0, not 0"."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    return parse
+
+
+positive_int = ranged(int, "an integer > 0", lambda v: v > 0)
+nonnegative_int = ranged(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = ranged(float, "a number > 0", lambda v: 0 < v < math.inf)  # nan and inf refused
+nonnegative_float = ranged(float, "a number >= 0", lambda v: 0 <= v < math.inf)
+seed_int = ranged(int, "an integer from 0 to 2**63 - 1", lambda v: 0 <= v < 2 ** 63)  # torch's
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run.pt written by train.py, or an exported backbone.pt")
@@ -61,32 +84,37 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=None, help=f"{', '.join(models.ARCHS)} (default: the checkpoint's, else resnet18)")
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem (default: the checkpoint's, else read from conv1's kernel size)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="default: the checkpoint's; for a backbone.pt the images' own size when they are small "
                         "(<= 64 px) or the stem is the cifar one, else the dataset's")
-    p.add_argument("--train-subset", type=int, default=None,
+    p.add_argument("--train-subset", type=positive_int, default=None,
                    help="a fixed class-balanced subset of this many labelled train images (kNN bank, probe "
                         "and fine-tuning pool)")
-    p.add_argument("--test-subset", type=int, default=None,
+    p.add_argument("--test-subset", type=positive_int, default=None,
                    help="a fixed class-balanced subset of this many test images (queries)")
     p.add_argument("--random-init", action="store_true", help="also evaluate an untrained backbone, for comparison")
-    p.add_argument("--knn-k", type=int, nargs="+", default=[200, 20], help="neighbours")
-    p.add_argument("--knn-t", type=float, default=0.07, help="kNN vote temperature")
-    p.add_argument("--linear-epochs", type=int, default=None,
+    p.add_argument("--knn-k", type=positive_int, nargs="+", default=[200, 20],
+                   help="neighbours (at most the train images)")
+    p.add_argument("--knn-t", type=positive_float, default=0.07, help="kNN vote temperature")
+    p.add_argument("--linear-epochs", type=positive_int, default=None,
                    help="linear and linear-aug (default: 100, or 50 on another dataset than the pretraining one)")
-    p.add_argument("--linear-lr", type=float, default=0.1, help="linear and linear-aug")
-    p.add_argument("--finetune-epochs", type=int, default=50, help="semi and finetune")
-    p.add_argument("--finetune-lr", type=float, default=0.05, help="semi and finetune")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="linear, linear-aug, semi and finetune")
-    p.add_argument("--subset-seed", type=int, default=0, help="seed of the semi-supervised label subsets")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--linear-lr", type=positive_float, default=0.1, help="linear and linear-aug")
+    p.add_argument("--finetune-epochs", type=positive_int, default=50, help="semi and finetune")
+    p.add_argument("--finetune-lr", type=positive_float, default=0.05, help="semi and finetune")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
+                   help="linear, linear-aug, semi and finetune")
+    p.add_argument("--subset-seed", type=seed_int, default=0,
+                   help="seed of the semi-supervised label subsets")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="semi and finetune: >= 2")
     p.add_argument("--loader", default=None, choices=["device", "workers"],
                    help="for knn, linear and linear-aug: device (each split decoded once into memory on the "
                         "device, views made there in batches) or workers (PIL views in DataLoader processes; "
                         "semi and finetune always use these); default as train.py's: workers for ImageFolder "
                         "trees of large images, else device")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
-    p.add_argument("--seed", type=int, default=0, help="random-init weights, training order and linear-aug's views")
+    p.add_argument("--workers", type=nonnegative_int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (0: in this one)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="random-init weights, training order and linear-aug's views")
     args = p.parse_args(argv)
     for protocol in args.protocol:
         if protocol not in PROTOCOLS:
@@ -108,11 +136,9 @@ def load_weights(path):
 def resolve(args, stored, state):
     """Unset flags from the checkpoint's args, else defaults; check them before any work. The image
     size, when neither --image-size nor the checkpoint gives it, waits for the images (choose_image_size)."""
-    for key in ("image_size", "batch_size", "linear_epochs", "finetune_epochs", "train_subset", "test_subset"):
-        if getattr(args, key) is not None and getattr(args, key) <= 0:
-            fail(f"--{key.replace('_', '-')} must be positive")
-    if min(args.knn_k) <= 0:
-        fail("--knn-k must be positive")
+    if args.batch_size < 2 and {"semi", "finetune"} & set(args.protocol):
+        fail(f"--batch-size {args.batch_size}: semi and finetune train BatchNorm, which needs at "
+             f"least 2 images a batch")
     args.pretrain_dataset = stored.get("dataset")  # None for a backbone.pt
     args.dataset = args.dataset or stored.get("dataset", "synthetic")
     if args.dataset not in data.DATASETS:
@@ -176,24 +202,42 @@ def labelled_split(args, split, subset_size):
 
 
 def semi_subset(ds, labels, fraction, args):
-    """Indices (into `ds`) of a class-balanced `fraction` of it, from the saved index file if present."""
+    """(indices into `ds` of a class-balanced `fraction` of it, the index file or None): from the
+    saved index file if present, else drawn and saved there. The file is named after what its
+    indices refer to (data.fingerprint: the folder and its files, or the labels; --train-subset),
+    so another tree or subset draws its own. Saving is a convenience: where the file cannot be
+    written the draw, the same for the same seed, goes on unsaved."""
     num_classes = len(labels.unique())
     per_class = max(1, round(fraction * len(labels) / num_classes))
     tag = f"_train{args.train_subset}" if args.train_subset else ""
-    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                        f"subset_{args.dataset}{tag}_{round(100 * fraction)}pct_seed{args.subset_seed}.txt")
+    name = f"subset_{args.dataset}{tag}_{round(100 * fraction)}pct_seed{args.subset_seed}"
+    folder = os.path.dirname(os.path.abspath(args.ckpt))
+    path = os.path.join(folder, f"{name}_{data.fingerprint(ds)}.txt")
     # Indices are saved into the full train split, so the file stays meaningful outside this run.
     full_index = torch.as_tensor(ds.indices) if isinstance(ds, torch.utils.data.Subset) else torch.arange(len(ds))
     if os.path.exists(path):
-        with open(path) as f:
-            saved = torch.tensor([int(line) for line in f if line.strip()])  # (n,) full-split indices
+        try:
+            with open(path) as f:
+                saved = torch.tensor([int(line) for line in f if line.strip()])  # (n,) full-split
+        except (OSError, ValueError) as e:
+            fail(f"cannot read the label subset {path} ({getattr(e, 'strerror', None) or e}); "
+                 f"delete it to draw the subset again")
         pos = torch.searchsorted(full_index, saved)  # full_index is sorted
         if len(saved) == 0 or pos.max() >= len(full_index) or not (full_index[pos] == saved).all():
             fail(f"{path} does not fit this train split; delete it to draw the subset again")
         return pos, path
     pos = data.balanced_subset(labels, per_class, seed=args.subset_seed)  # (C * per_class,)
-    with open(path, "w") as f:
-        f.write("".join(f"{i}\n" for i in full_index[pos].tolist()))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:  # whole or not at all: a cut-short file would be reused as a smaller subset
+        with open(tmp, "w") as f:
+            f.write("".join(f"{i}\n" for i in full_index[pos].tolist()))
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        print(f"warning: cannot save the {100 * fraction:g}% label subset to {path} "
+              f"({e.strerror or e}); going on with it unsaved", file=sys.stderr, flush=True)
+        return pos, None
     return pos, path
 
 
@@ -357,10 +401,34 @@ def build_backbone(args, weights, device):
     return net.to(device, memory_format=torch.channels_last), feat_dim
 
 
+def check_writable(log_path):
+    """Fail in one line, before any work, when the results log cannot be appended to (it is created
+    empty if missing): results that cannot be logged are half lost."""
+    try:
+        with open(log_path, "a"):
+            pass
+    except OSError as e:
+        fail(f"cannot write the results log {log_path} ({e.strerror or e}); evaluate a copy of the "
+             f"checkpoint in a folder you can write to")
+
+
 def main(argv=None):
+    """run(argv), with an unreadable image, wherever PIL reads one (here or in a DataLoader
+    process), ending the run in one line naming the file."""
+    try:
+        return run(argv)
+    except data.BadImageError as e:
+        message = e.line()
+        e.__traceback__ = None  # its frames hold the DataLoader iterator: freed, its processes stop
+    fail(message)
+
+
+def run(argv=None):
     args = parse_args(argv)
     state, stored, ckpt_epoch = load_weights(args.ckpt)
     args = resolve(args, stored, state)
+    log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.jsonl")
+    check_writable(log_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -414,10 +482,15 @@ def main(argv=None):
         print(f"warning: the images are {w}x{h} px (the first train image) and get resized {scale:.2g}x to "
               f"{args.image_size} px; --image-size sets the input size", file=sys.stderr, flush=True)
 
-    log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.jsonl")
+    knn_ks = list(dict.fromkeys(min(k, len(train_set)) for k in args.knn_k))  # capped at the bank
+    if "knn" in args.protocol and max(args.knn_k) > len(train_set):
+        print(f"warning: --knn-k {max(args.knn_k)} is more than the {len(train_set)} train images; "
+              f"k={len(train_set)} used", file=sys.stderr, flush=True)
     results = []  # (backbone name, row, top1, top5)
+    logged = 0  # records appended to log_path
 
     def report(name, protocol, setting, top1, top5, seconds, **settings):
+        nonlocal logged
         row = f"{protocol} {setting}".strip()
         results.append((name, row, top1, top5))
         rec = {"ckpt": os.path.abspath(args.ckpt), "ckpt_epoch": ckpt_epoch,
@@ -428,9 +501,14 @@ def main(argv=None):
                                                 **settings},
                "top1": round(top1, 2), "top5": round(top5, 2), "random_init": name == "random-init",
                "seconds": round(seconds, 1)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
         print(f"{name} {row}: top-1 {top1:.2f} top-5 {top5:.2f} ({seconds:.0f} s)", flush=True)
+        try:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            logged += 1
+        except OSError as e:  # writable at the start (check_writable), no longer: printed above
+            print(f"warning: cannot append to {log_path} ({e.strerror or e}): {name} {row} is not "
+                  f"logged", file=sys.stderr, flush=True)
 
     backbones = [("trained", state)] + ([("random-init", None)] if args.random_init else [])
     for name, weights in backbones:
@@ -444,12 +522,12 @@ def main(argv=None):
             t_feats = time.time() - t0
 
         if "knn" in args.protocol:
-            for k in args.knn_k:
+            for k in knn_ks:
                 t0 = time.time()
                 scores = knn_classify(train_feats, train_y, test_feats, num_classes, k, args.knn_t)  # (N_test, C)
                 top1, top5 = topk_accuracy(scores, test_y)
-                report(name, "knn", f"k={k}", top1, top5, t_feats + time.time() - t0,
-                       k=min(k, len(train_feats)), T=args.knn_t)
+                report(name, "knn", f"k={k}", top1, top5, t_feats + time.time() - t0, k=k,
+                       T=args.knn_t)
 
         for protocol in linear_probes:
             t0 = time.time()
@@ -498,7 +576,8 @@ def main(argv=None):
     print(f"\n{'protocol':14s}" + "".join(f"{name + ' top-1':>20s}{'top-5':>8s}" for name in names))
     for row in dict.fromkeys(row for _, row, _, _ in results):
         print(f"{row:14s}" + "".join(f"{top[name, row][0]:20.2f}{top[name, row][1]:8.2f}" for name in names))
-    print(f"appended {len(results)} records to {log_path}")
+    lost = f"; {len(results) - logged} could not be, printed above" if logged < len(results) else ""
+    print(f"appended {logged} records to {log_path}{lost}")
     return results
 
 

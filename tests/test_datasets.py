@@ -22,6 +22,7 @@ import torchvision
 import data
 import evaluate
 import train
+from test_evaluate import class_tree
 
 CIFAR10, CIFAR100, STL10 = torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR100, torchvision.datasets.STL10
 TV = {"cifar10": CIFAR10, "cifar100": CIFAR100, "stl10": STL10}
@@ -221,16 +222,18 @@ def test_evaluate_through_both_loaders(runs, written, name):
     argv = ["--ckpt", str(out / "run.pt"), "--protocol", "knn", "linear", "--linear-epochs", "1", "--workers", "0"]
     device = evaluate.main([*argv, "--loader", "device"])
     workers = evaluate.main([*argv, "--loader", "workers"])
-    assert [r[1] for r in device] == [r[1] for r in workers] == ["knn k=200", "knn k=20", "linear"]
-    assert [r[2:] for r in device[:2]] == [r[2:] for r in workers[:2]]
+    ks = dict.fromkeys([min(200, len(train_x)), 20])  # k capped at the bank
+    rows = [f"knn k={k}" for k in ks] + ["linear"]
+    assert [r[1] for r in device] == [r[1] for r in workers] == rows
+    assert [r[2:] for r in device[:-1]] == [r[2:] for r in workers[:-1]]
     records = read_jsonl(out / "eval.jsonl")
-    assert len(records) == 6
+    assert len(records) == 2 * len(rows)
     for r in records:
         assert r["dataset"] == r["pretrain_dataset"] == name and r["ckpt_epoch"] == 1
         assert r["settings"]["train_images"] == len(train_x) and r["settings"]["test_images"] == len(test_x)
         assert r["settings"]["image_size"] == 16
         assert 0 <= r["top1"] <= r["top5"] <= 100
-    assert records[0]["settings"]["k"] == len(train_x)  # k=200 capped at the bank
+    assert records[0]["settings"]["k"] == len(train_x)
     # chance is 10% (1% on CIFAR-100); each class has its colour, so kNN finds it when the labels read
     # belong to the images read (measured: 95-100%)
     assert all(r["top1"] > 50 for r in records if r["protocol"] == "knn")
@@ -309,3 +312,29 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
     assert str(e.value) == (f"error: CIFAR10 under {tmp_path}: could not download or read it (URLError: <urlopen "
                             f"error [Errno -3] Temporary failure in name resolution>); expected "
                             f"{data.LAYOUT['cifar10']} under {tmp_path}")
+
+
+# ---------------------------------------------------------------- the decoded-image cache
+
+def test_cache_folder_that_cannot_be_made_is_skipped(tmp_path, monkeypatch, capsys):
+    """XDG_CACHE_HOME naming a file (or a read-only home): one warning, the images decoded."""
+    tree = class_tree(tmp_path / "tree", "ab")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
+    for split in ("train", "test"):
+        images, labels = data.load_images("imagefolder", split, str(tree), size=8)
+        assert images.shape == (4, 3, 8, 8) and labels.tolist() == [0, 0, 1, 1]
+    out = capsys.readouterr().out
+    folder = tmp_path / "a-file" / "carl-carp"
+    assert out.startswith(f"warning: cannot make the cache folder {folder} (")
+    assert out.count("\n") == 1  # said once, not for every split
+
+
+def test_folders_whose_paths_read_alike_keep_their_own_caches(tmp_path, monkeypatch):
+    """.../p_q/train and .../p/q/train: each tree's cache survives the other's (read, not
+    decoded again)."""
+    trees = [class_tree(tmp_path / "p_q", "ab"), class_tree(tmp_path / "p" / "q", "abc")]
+    decoded = [data.load_images("imagefolder", "train", str(tree), size=8)[0] for tree in trees]
+    monkeypatch.setattr(data, "load_rgb", lambda path: pytest.fail(f"{path} decoded again"))
+    for tree, images in zip(trees, decoded):
+        assert torch.equal(data.load_images("imagefolder", "train", str(tree), size=8)[0], images)

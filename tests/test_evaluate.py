@@ -2,6 +2,7 @@
 checkpoint from a 1-epoch `synthetic` training run. CPU only; python -m pytest -q tests/test_evaluate.py"""
 import argparse
 import json
+import multiprocessing
 import os
 import time
 import types
@@ -94,7 +95,7 @@ def test_semi_subset_is_saved_and_reused(tmp_path):
     labels = data.targets(full)
     args = argparse.Namespace(ckpt=str(tmp_path / "run.pt"), dataset="synthetic", train_subset=None, subset_seed=0)
     pos, path = evaluate.semi_subset(full, labels, 0.10, args)
-    assert path == str(tmp_path / "subset_synthetic_10pct_seed0.txt")
+    assert path == str(tmp_path / f"subset_synthetic_10pct_seed0_{data.fingerprint(full)}.txt")
     assert torch.bincount(labels[pos]).tolist() == [20] * 10
     saved = [int(line) for line in open(path)]
     assert saved == pos.tolist()  # indices into the full train split
@@ -104,14 +105,16 @@ def test_semi_subset_is_saved_and_reused(tmp_path):
     assert again.tolist() == saved[:30]
     other_seed = argparse.Namespace(**{**vars(args), "subset_seed": 1})
     other, other_path = evaluate.semi_subset(full, labels, 0.10, other_seed)
-    assert other_path.endswith("_10pct_seed1.txt") and not torch.equal(other, pos)
+    assert other_path.endswith(f"_10pct_seed1_{data.fingerprint(full)}.txt")
+    assert not torch.equal(other, pos)
 
     # on a --train-subset the file holds full-split indices and is named after the subset
     keep = data.balanced_subset(labels, 50, seed=0)  # (500,)
     sub = torch.utils.data.Subset(full, keep.tolist())
     args.train_subset = 500
     pos, path = evaluate.semi_subset(sub, labels[keep], 0.01, args)
-    assert os.path.basename(path) == "subset_synthetic_train500_1pct_seed0.txt"
+    name = f"subset_synthetic_train500_1pct_seed0_{data.fingerprint(sub)}.txt"
+    assert os.path.basename(path) == name
     assert len(pos) == 10  # max(1, 1% of 50) per class
     assert [int(line) for line in open(path)] == keep[pos].tolist()
 
@@ -175,7 +178,7 @@ def test_end_to_end_all_protocols(run_dir, capsys, monkeypatch):
     results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", "semi", "finetune",
                              "--linear-epochs", "5", "--finetune-epochs", "1", *TINY])
     out = capsys.readouterr().out
-    rows = ["knn k=200", "knn k=20", "linear", "semi 1%", "semi 10%", "finetune 100%"]
+    rows = ["knn k=50", "knn k=20", "linear", "semi 1%", "semi 10%", "finetune 100%"]  # k <= 50
     table = out[out.index("\nprotocol"):]
     assert "trained top-1" in table and "random-init" not in table
     for row in rows:
@@ -187,7 +190,8 @@ def test_end_to_end_all_protocols(run_dir, capsys, monkeypatch):
 
     records = read_records(run_dir / "eval.jsonl")[-6:]
     assert [(r["protocol"], r["setting"]) for r in records] == [
-        ("knn", "k=200"), ("knn", "k=20"), ("linear", ""), ("semi", "1%"), ("semi", "10%"), ("finetune", "100%")]
+        ("knn", "k=50"), ("knn", "k=20"), ("linear", ""), ("semi", "1%"), ("semi", "10%"),
+        ("finetune", "100%")]
     for r in records:
         assert r["ckpt"] == str(run_dir / "run.pt") and r["ckpt_epoch"] == 1
         assert r["pretrain_dataset"] == "synthetic" and r["dataset"] == "synthetic"
@@ -198,7 +202,7 @@ def test_end_to_end_all_protocols(run_dir, capsys, monkeypatch):
     assert records[0]["settings"]["k"] == 50  # capped at the bank size
     assert [r["settings"]["labels"] for r in records[3:]] == [10, 10, 50]  # >= 1 per class
     for pct in (1, 10):
-        path = run_dir / f"subset_synthetic_train50_{pct}pct_seed0.txt"
+        path, = run_dir.glob(f"subset_synthetic_train50_{pct}pct_seed0_*.txt")
         assert records[3 if pct == 1 else 4]["settings"]["subset_file"] == str(path)
         assert len(open(path).read().split()) == 10
 
@@ -252,7 +256,7 @@ def test_device_and_workers_loaders_agree(run_dir, capsys):
     argv = ["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", "--linear-epochs", "3", *TINY]
     device, workers = evaluate.main([*argv, "--loader", "device"]), evaluate.main([*argv, "--loader", "workers"])
     assert "cpu, device loader" in capsys.readouterr().out
-    assert [r[1] for r in device] == [r[1] for r in workers] == ["knn k=200", "knn k=20", "linear"]
+    assert [r[1] for r in device] == [r[1] for r in workers] == ["knn k=50", "knn k=20", "linear"]
     assert [r[2:] for r in device[:2]] == [r[2:] for r in workers[:2]]
     assert device[2][2] == pytest.approx(workers[2][2], abs=2.01)
 
@@ -403,3 +407,157 @@ def test_missing_labels(run_dir, monkeypatch):
 def test_missing_transfer_dataset(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="^error: CIFAR100 not found: expected cifar-100-python/.* pass --download"):
         evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--dataset", "cifar100", "--data-dir", str(tmp_path)])
+
+
+
+# ---------------------------------------------------------------- faults a newcomer meets
+
+def class_tree(root, classes, per_class=2, px=8):
+    """An ImageFolder tree of random px x px PNGs: train/ and test/, each with these classes."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            os.makedirs(root / split / c)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (px, px, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+def semi_args(ckpt, dataset):
+    return argparse.Namespace(ckpt=str(ckpt), dataset=dataset, train_subset=None, subset_seed=0)
+
+
+def test_semi_subset_of_another_tree_is_its_own(tmp_path):
+    """Beside the same checkpoint, a second tree draws its own label subset: one image of each of
+    its 4 classes, not the first tree's indices (2 images, 2 classes)."""
+    args = semi_args(tmp_path / "run.pt", "imagefolder")
+    picked = {}
+    for name, classes in (("treeA", "ab"), ("treeB", "abcd")):
+        tree = class_tree(tmp_path / name, classes)
+        ds = data.build_dataset("imagefolder", "train", None, str(tree))
+        labels = data.targets(ds)
+        pos, path = evaluate.semi_subset(ds, labels, 0.01, args)
+        assert torch.bincount(labels[pos]).tolist() == [1] * len(classes)
+        picked[name] = path
+    assert picked["treeA"] != picked["treeB"]
+
+
+def test_semi_subset_that_cannot_be_saved_goes_on(tmp_path, capsys):
+    full = data.build_dataset("synthetic", "train")
+    labels = data.targets(full)
+    (tmp_path / "file").write_text("a file where the checkpoint's folder should be")
+    args = semi_args(tmp_path / "file" / "run.pt", "synthetic")
+    pos, path = evaluate.semi_subset(full, labels, 0.01, args)
+    assert path is None and torch.bincount(labels[pos]).tolist() == [2] * 10
+    err = capsys.readouterr().err
+    assert err.startswith("warning: cannot save the 1% label subset to ") and err.count("\n") == 1
+
+
+def ckpt_copy(run_dir, folder):
+    folder.mkdir()
+    (folder / "run.pt").write_bytes((run_dir / "run.pt").read_bytes())
+    return folder / "run.pt"
+
+
+def test_unwritable_results_log_fails_before_any_work(run_dir, tmp_path, capsys):
+    ckpt = ckpt_copy(run_dir, tmp_path / "ro")
+    (tmp_path / "ro" / "eval.jsonl").mkdir()  # cannot be appended to, even by root
+    with pytest.raises(SystemExit, match=r"^error: cannot write the results log .*eval\.jsonl "
+                                         r"\(Is a directory\)"):
+        evaluate.main(["--ckpt", str(ckpt), "--protocol", "knn", "--knn-k", "20", *TINY])
+    assert capsys.readouterr().out == ""  # nothing loaded, nothing computed
+
+
+def test_results_log_unwritable_later_keeps_the_results(run_dir, tmp_path, capsys, monkeypatch):
+    ckpt = ckpt_copy(run_dir, tmp_path / "run")
+    log, knn = tmp_path / "run" / "eval.jsonl", evaluate.knn_classify
+
+    def log_gone_then_knn(*a, **kw):  # the log turns unwritable after the start-up check
+        if log.is_file():
+            log.unlink()
+            log.mkdir()
+        return knn(*a, **kw)
+
+    monkeypatch.setattr(evaluate, "knn_classify", log_gone_then_knn)
+    results = evaluate.main(["--ckpt", str(ckpt), "--protocol", "knn", "--knn-k", "20", "5", *TINY])
+    out, err = capsys.readouterr()
+    assert [r[1] for r in results] == ["knn k=20", "knn k=5"]
+    assert "\ntrained knn k=20: top-1 " in out and "\ntrained knn k=5: top-1 " in out
+    assert "appended 0 records to " in out and "2 could not be, printed above" in out
+    assert err.count("warning: cannot append to ") == 2
+
+
+RANDOM_BYTES = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "it is empty"),
+    (b"epoch 3\nloss 1.25\n", "it is not a PyTorch checkpoint"),
+    (RANDOM_BYTES, "it is not a PyTorch checkpoint"),
+    ("namespace", "it holds objects other than tensors and plain values"),
+    ("folder", "is a folder, not a run.pt or backbone.pt"),
+], ids=["empty", "text", "random", "namespace", "folder"])
+def test_bad_checkpoint_files_are_one_line(tmp_path, content, match):
+    path = tmp_path / "run.pt"
+    if content == "namespace":
+        torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, path)
+    elif content == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", str(path)])
+    line = e.value.code
+    assert isinstance(line, str) and "\n" not in line
+    assert line.startswith("error: ") and str(path) in line and match in line
+    assert "weights_only" not in line  # not torch's advice to load it unsafely
+
+
+@pytest.mark.parametrize("protocol,corrupt,workers", [
+    ("knn", "b", "1"),  # --loader workers: read in a DataLoader process
+    ("semi", "b", "0"),
+    ("finetune", "b", "1"),
+    ("knn", "a/0.png", "0"),  # the first train image, read for its size
+])
+def test_unreadable_image_is_one_line(run_dir, tmp_path, protocol, corrupt, workers):
+    tree = class_tree(tmp_path / "tree", "ab", per_class=3, px=16)
+    bad = tree / "train" / corrupt
+    for path in [bad] if bad.is_file() else bad.iterdir():
+        path.write_bytes(path.read_bytes()[:60])  # truncated mid-file
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", str(run_dir / "backbone.pt"), "--dataset", "imagefolder",
+                       "--data-dir", str(tree), "--protocol", protocol, "--knn-k", "3",
+                       "--finetune-epochs", "1", "--batch-size", "4", "--loader", "workers",
+                       "--workers", workers])
+    assert e.value.code.startswith(f"error: cannot read image {bad}") and "\n" not in e.value.code
+    assert multiprocessing.active_children() == []  # the loader's processes are gone
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--knn-t", "0"), ("--knn-t", "nan"), ("--workers", "-1"), ("--linear-lr", "-5"),
+    ("--image-size", "0"), ("--batch-size", "0"), ("--linear-epochs", "0"),
+    ("--finetune-epochs", "-1"), ("--finetune-lr", "0"), ("--weight-decay", "-0.1"),
+    ("--knn-k", "0"), ("--train-subset", "-10"), ("--test-subset", "0"), ("--seed", "-1"),
+    ("--subset-seed", "-1"),
+])
+def test_flag_out_of_range_is_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--ckpt", "run.pt", flag, value])
+    assert e.value.code == 2  # argparse's usage error
+    assert f"error: argument {flag}: must be " in capsys.readouterr().err
+
+
+def test_one_image_batches_refused_for_fine_tuning(run_dir):
+    with pytest.raises(SystemExit, match=r"^error: --batch-size 1: semi and finetune train "):
+        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "finetune", *TINY,
+                       "--batch-size", "1"])
+
+
+def test_knn_row_says_the_k_used(run_dir, capsys):
+    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn",
+                             "--knn-k", "200", "20", *TINY])
+    assert [r[1] for r in results] == ["knn k=50", "knn k=20"]  # 50 train images in the bank
+    out, err = capsys.readouterr()
+    assert "\ntrained knn k=50: top-1 " in out and "knn k=200" not in out
+    assert "warning: --knn-k 200 is more than the 50 train images; k=50 used" in err
