@@ -10,13 +10,13 @@ torchvision ResNet with `fc` replaced by Identity, so its state_dict loads into
 `torchvision.models.resnet18()` (after the same stem change) with only `fc` missing.
 """
 import copy
-import os
-import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+from checkpoints import load_checkpoint  # noqa: F401 (train.py reads run.pt with this name)
 
 ARCHS = ("resnet18", "resnet50")
 METHODS = ("carl", "carp", "simclr", "byol", "swav", "mocov2")
@@ -205,29 +205,6 @@ class Queue:
     def load_state_dict(self, state):
         self.rows.copy_(state["rows"])
         self.ptr, self.filled = state["ptr"], state["filled"]
-
-
-def load_backbone_state(ckpt_state):
-    """The backbone weights from a run.pt model state_dict (keys 'backbone.*') or from an
-    exported backbone.pt (plain torchvision keys)."""
-    if any(k.startswith("backbone.") for k in ckpt_state):
-        return {k[len("backbone."):]: v for k, v in ckpt_state.items() if k.startswith("backbone.")}
-    return dict(ckpt_state)
-
-
-def load_checkpoint(path, keys=("model", "args")):
-    """torch.load(weights_only=True) of a dict holding `keys`; one clear error for a missing or
-    unreadable file."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, unsafe pickle...
-        first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])[:200]  # drop ANSI colours
-        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {first_line}")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
-        raise SystemExit(f"error: {path} is not a run.pt written by train.py (no 'model'/'args' entries)")
-    return ckpt
 
 
 if __name__ == "__main__":  # quick shape check: python model.py

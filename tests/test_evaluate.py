@@ -344,7 +344,7 @@ def test_random_init_column(run_dir, capsys):
     assert [r["random_init"] for r in records] == [False, True]
     assert [r[0] for r in results] == ["trained", "random-init"]
     # seed-0 init is the network train.py started from, so after one epoch the weights differ
-    state, _, _ = evaluate.load_weights(str(run_dir / "run.pt"))
+    state, *_ = evaluate.load_weights(str(run_dir / "run.pt"))
     args = evaluate.resolve(evaluate.parse_args(["--ckpt", "x"]), {"arch": "resnet18", "cifar_stem": True}, state)
     trained, _ = evaluate.build_backbone(args, state, torch.device("cpu"))
     untrained, _ = evaluate.build_backbone(args, None, torch.device("cpu"))
@@ -371,7 +371,7 @@ def test_corrupt_checkpoints(tmp_path, run_dir):
         evaluate.main(["--ckpt", str(truncated)])
     other = tmp_path / "other.pt"
     torch.save({"epoch": 3}, other)
-    with pytest.raises(SystemExit, match="neither a run.pt from train.py nor a backbone.pt"):
+    with pytest.raises(SystemExit, match="is in none of the layouts evaluate.py reads"):
         evaluate.main(["--ckpt", str(other)])
 
 
