@@ -5,6 +5,8 @@
     python evaluate.py --ckpt out/run.pt --protocol linear-aug            # the thesis's linear protocol
     python evaluate.py --ckpt out/run.pt --dataset cifar100               # transfer (probes: 50 epochs)
     python evaluate.py --ckpt out/backbone.pt --arch resnet18 --dataset cifar10
+    python evaluate.py --ckpt out/run.pt --weights student     # the online network, not the teacher
+    python evaluate.py --ckpt dino/checkpoint.pth              # other libraries: see checkpoints.py
     python evaluate.py --ckpt out/run.pt --dataset cifar10 --train-subset 5000 --test-subset 2000  # CPU
 
 Protocols (thesis / InstDisc / DINO eval_knn conventions):
@@ -21,7 +23,7 @@ Protocols (thesis / InstDisc / DINO eval_knn conventions):
 Linear probes train 100 epochs, or 50 when evaluating on another dataset than the pretraining one
 (thesis 5.7.2). Architecture, stem, image size and dataset come from the checkpoint's stored args
 unless a flag overrides them; a backbone.pt (plain torchvision state_dict) has none, so they come
-from the flags, the weights (stem) and the images (size).
+from the flags, the weights (arch, stem) and the images (size).
 --loader device (the default, as train.py's: not for ImageFolder trees at more than 96 px) decodes
 each split once into memory on the device and makes the views of knn, linear and linear-aug there
 in batches (linear-aug's on PIL workers when the images are larger than the input size); semi and
@@ -41,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+import checkpoints
 import data
 import model as models
 
@@ -76,7 +79,16 @@ seed_int = ranged(int, "an integer from 0 to 2**63 - 1", lambda v: 0 <= v < 2 **
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run.pt written by train.py, or an exported backbone.pt")
+    p.add_argument("--ckpt", required=True,
+                   help="run.pt written by train.py, an exported backbone.pt, or another library's "
+                        "checkpoint (CARP / DINO, MoCo v3, MoCo v1/v2, SwAV, VICReg, Barlow Twins, "
+                        "solo-learn, a torchvision ResNet state dict; see checkpoints.py)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--weights", choices=["student", "teacher"], default=None,
+                       help="which network of a run.pt or a CARP / DINO checkpoint (default: "
+                            "the EMA teacher where there is one, as the published CARP evaluates)")
+    which.add_argument("--checkpoint-key", default=None,
+                       help="read the weights under this top-level entry of the file (e.g. model)")
     p.add_argument("--protocol", nargs="+", default=["knn", "linear"], help=", ".join(PROTOCOLS))
     p.add_argument("--dataset", default=None, help="evaluate on this dataset (default: the pretraining one)")
     p.add_argument("--data-dir", default=None, help="where the dataset lies (default: the checkpoint's, else data)")
@@ -122,15 +134,11 @@ def parse_args(argv=None):
     return args
 
 
-def load_weights(path):
-    """(backbone state_dict, stored train args, epochs done) from a run.pt, or (state_dict, {}, None)
-    from a backbone.pt; one clear error line for anything else."""
-    ckpt = models.load_checkpoint(path, keys=())
-    if "model" in ckpt and "args" in ckpt:  # run.pt
-        return models.load_backbone_state(ckpt["model"]), ckpt["args"], ckpt.get("epoch")
-    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):  # backbone.pt
-        return models.load_backbone_state(ckpt), {}, None
-    fail(f"{path} is neither a run.pt from train.py nor a backbone.pt state_dict")
+def load_weights(path, weights=None, key=None):
+    """(backbone state_dict, stored train args, epochs done, which weights) from a run.pt (its
+    teacher unless weights="student" or the run had none), a backbone.pt ({"arch"}, None) or
+    another library's file (checkpoints.read_backbone); one clear error line for anything else."""
+    return checkpoints.read_backbone(path, weights, key)
 
 
 def resolve(args, stored, state):
@@ -425,7 +433,7 @@ def main(argv=None):
 
 def run(argv=None):
     args = parse_args(argv)
-    state, stored, ckpt_epoch = load_weights(args.ckpt)
+    state, stored, ckpt_epoch, which = load_weights(args.ckpt, args.weights, args.checkpoint_key)
     args = resolve(args, stored, state)
     log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.jsonl")
     check_writable(log_path)
@@ -472,7 +480,8 @@ def run(argv=None):
     linear_probes = [p for p in ("linear", "linear-aug") if p in args.protocol]
     probe_epochs = (f"linear probes {args.linear_epochs} epochs{' (transfer)' if args.transfer else ''}, "
                     if linear_probes else "")
-    print(f"evaluating {args.ckpt} ({args.arch}, {'cifar' if args.cifar_stem else 'imagenet'} stem, "
+    stem = "cifar" if args.cifar_stem else "imagenet"
+    print(f"evaluating {args.ckpt} ({which}; {args.arch}, {stem} stem, "
           f"pretrained on {args.pretrain_dataset or 'unknown'}) on {args.dataset} at {args.image_size} px "
           f"({size_from}): {len(train_set)} train / {len(test_set)} test images, {num_classes} classes, "
           f"{probe_epochs}{device.type}, {args.loader} loader", flush=True)
@@ -493,7 +502,7 @@ def run(argv=None):
         nonlocal logged
         row = f"{protocol} {setting}".strip()
         results.append((name, row, top1, top5))
-        rec = {"ckpt": os.path.abspath(args.ckpt), "ckpt_epoch": ckpt_epoch,
+        rec = {"ckpt": os.path.abspath(args.ckpt), "ckpt_epoch": ckpt_epoch, "weights": which,
                "pretrain_dataset": args.pretrain_dataset, "dataset": args.dataset, "protocol": protocol,
                "setting": setting, "settings": {"arch": args.arch, "cifar_stem": args.cifar_stem,
                                                 "image_size": args.image_size, "image_size_from": size_from,

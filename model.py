@@ -9,8 +9,6 @@ ResNet with `fc` replaced by Identity, so its state_dict loads into `torchvision
 (after the same stem change) with only `fc` missing.
 """
 import copy
-import os
-import re
 from typing import NamedTuple
 
 import torch
@@ -192,46 +190,3 @@ class Queue:
     def load_state_dict(self, state):
         self.rows.copy_(state["rows"])
         self.ptr, self.filled = state["ptr"], state["filled"]
-
-
-def load_backbone_state(ckpt_state):
-    """The backbone weights from a run.pt model state_dict (keys 'backbone.*') or from an
-    exported backbone.pt (plain torchvision keys)."""
-    if any(k.startswith("backbone.") for k in ckpt_state):
-        return {k[len("backbone."):]: v for k, v in ckpt_state.items() if k.startswith("backbone.")}
-    return dict(ckpt_state)
-
-
-def load_checkpoint(path, keys=("model", "args")):
-    """torch.load(weights_only=True) of a dict holding `keys`; one clear error line naming the file
-    for anything else: missing, a folder, empty, not a PyTorch file, truncated, other objects."""
-    if os.path.isdir(path):
-        raise SystemExit(f"error: checkpoint {path} is a folder, not a run.pt or backbone.pt")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise SystemExit(f"error: cannot read checkpoint {path}: {e.strerror or e}")
-    if not head:
-        raise SystemExit(f"error: cannot read checkpoint {path}: it is empty (0 bytes)")
-    # torch.save writes a zip archive (PK..), its legacy format a pickle (protocol 2: \x80\x02)
-    if head != b"PK\x03\x04" and not head.startswith(b"\x80\x02"):
-        raise SystemExit(f"error: cannot read checkpoint {path}: it is not a PyTorch checkpoint "
-                         f"(torch.save writes a zip archive)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, a pickle of objects weights_only refuses...
-        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split("\n")  # ANSI colours dropped
-        if "Weights only load failed" in lines[0]:  # not its advice: weights_only=False runs code
-            what = ("it holds objects other than tensors and plain values, which are not loaded "
-                    "(not a checkpoint of this project)")
-        else:
-            detail = next((line.strip() for line in lines if line.strip()), "")[:200]
-            detail = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
-            what = f"it is truncated or corrupted ({detail})"
-        raise SystemExit(f"error: cannot read checkpoint {path}: {what}")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
-        raise SystemExit(f"error: {path} is not a run.pt written by train.py (no 'model'/'args' entries)")
-    return ckpt

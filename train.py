@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import augment
+import checkpoints
 import data
 import evaluate
 import lars
@@ -774,7 +775,7 @@ def find_checkpoint(args, rank, world, control):
     run_path = os.path.join(args.out_dir, "run.pt")
     # The same command continues its own run; --resume only points elsewhere for a first start.
     resume_from = run_path if os.path.exists(run_path) else args.resume
-    ckpt = models.load_checkpoint(resume_from) if resume_from else None
+    ckpt = checkpoints.load_checkpoint(resume_from) if resume_from else None
     if ckpt is not None and ("teacher" not in ckpt or any(k.startswith("assigner.") for k in ckpt["model"])):
         fail(f"{resume_from} was written by an older train.py (before the baselines: no teacher or "
              f"queue entries); continue it with that version, or start a new --out-dir")

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import checkpoints
 import model as models
 import train
 
@@ -152,10 +153,10 @@ def test_backbone_state_dict_loads_into_torchvision(cifar_stem):
     with torch.no_grad():
         torch.testing.assert_close(tv(x), m.backbone(x))
     # load_backbone_state: from a full model state_dict ('backbone.*' keys) and from a plain export
-    full = models.load_backbone_state(m.state_dict())
+    full = checkpoints.load_backbone_state(m.state_dict())
     assert full.keys() == sd.keys()
     assert all(torch.equal(full[k], sd[k]) for k in sd)
-    assert models.load_backbone_state(sd).keys() == sd.keys()
+    assert checkpoints.load_backbone_state(sd).keys() == sd.keys()
     # the stem really differs: the other torchvision stem cannot take these weights
     with pytest.raises(RuntimeError, match="size mismatch"):
         tv_resnet("resnet18", not cifar_stem).load_state_dict(sd, strict=False)
