@@ -3,11 +3,11 @@
 A method is a loss (losses.py) and one entry here:
 
     defaults     every flag the method takes, at its paper's or the thesis's value
-    loss         loss(student, teacher, run, now, step) -> (loss, stats, rows for the queue or None);
+    loss         loss(student, teacher, run, now, step) -> (loss, stats, queue rows or None);
                  student and teacher are model.Outputs (z: embeddings, out: last-part outputs, one
                  (B, D) / (B, K or D) tensor per view, global crops first); run: train.build_run's
                  namespace (args, model, queue, ...); now: this step's lr, lam, momentum
-    last         last(args, dim, feat_dim) -> (the module after the head, its prototype layer or None)
+    last         last(args, dim, feat_dim) -> (the module after the head, its prototypes or None)
     optional:    per_dataset defaults, recipes it takes, normalize (the last part sees unit z),
                  needs_teacher, multiview (more than two crops), queue (None, "empty": filled as it
                  goes and used once full; "random": starts full of random keys), teacher_bn_group
@@ -53,13 +53,14 @@ def assignment_loss(student, teacher, run, now, step):
     if a.block_size is None:
         partition = torch.arange(a.num_prototypes).view(1, -1)  # (1, K)
     else:
-        partition = losses.random_partition(a.num_prototypes, a.block_size, a.seed, step)  # (N_P, N_B)
+        partition = losses.random_partition(  # (N_P, N_B)
+            a.num_prototypes, a.block_size, a.seed, step)
     device = student.out[0].device
     if device.type == "cuda":  # pinned, so that copying it to the GPU does not wait for the GPU
         partition = partition.pin_memory()
     partition = partition.to(device, non_blocking=True)
-    loss, stats = losses.assignment_loss(student.out, teacher and teacher.out, now["lam"], partition,
-                                         a.global_crops, pooled=a.kl == "pooled")
+    loss, stats = losses.assignment_loss(student.out, teacher and teacher.out, now["lam"],
+                                         partition, a.global_crops, pooled=a.kl == "pooled")
     return loss, stats, None
 
 
@@ -73,14 +74,16 @@ def byol_loss(student, teacher, run, now, step):  # online predictions against t
 
 def swav_loss(student, teacher, run, now, step):  # the queue holds past global crops' z
     queue, g = run.queue, run.args.global_crops
-    bank = queue.rows @ run.model.prototypes.weight.detach().T if queue and queue.full else None  # (Q, K)
+    bank = None
+    if queue and queue.full:
+        bank = queue.rows @ run.model.prototypes.weight.detach().T  # (Q, K)
     loss, stats = losses.swav_loss(student.out, run.args.temperature, g, bank)
     return loss, stats, torch.cat(student.z[:g]).detach() if queue else None  # (G B, D)
 
 
-def mocov2_loss(student, teacher, run, now, step):  # queries against the key encoder's keys and the queue
+def mocov2_loss(student, teacher, run, now, step):  # queries against the key encoder's keys, queue
     loss, stats = losses.moco_loss(*student.out, *teacher.z, run.queue.rows, run.args.temperature)
-    return loss, stats, F.normalize(torch.cat(teacher.z).float(), dim=1)  # (2B, D) keys for the queue
+    return loss, stats, F.normalize(torch.cat(teacher.z).float(), dim=1)  # (2B, D): to the queue
 
 
 def swav_freeze_prototypes(model, step, steps_per_epoch):  # SwAV: they learn from epoch 1 on
@@ -148,9 +151,9 @@ def no_last(args, dim, feat_dim):  # the loss takes z itself
 # baselines (the thesis's CIFAR value, 5.8.4; the papers' 1e-6 goes with LARS). BYOL's target
 # momentum 0.99 -> 1 (the paper's 0.996 is ImageNet's) and MoCo's temperature 0.2 follow the
 # project's baseline issue where the thesis is silent or differs.
-# Under --optimizer lars, biases and BatchNorm skip the trust ratio (BYOL, Barlow Twins), so they take
-# plain SGD steps, far too large at LARS learning rates (CARP at 5.4 collapsed: RESULTS.md, "What was
-# found" 2): they get Barlow Twins' 0.0048 / 0.2 = 0.024 of the weights' lr.
+# Under --optimizer lars, biases and BatchNorm skip the trust ratio (BYOL, Barlow Twins), so they
+# take plain SGD steps, far too large at LARS learning rates (CARP at 5.4 collapsed: RESULTS.md,
+# "What was found" 2): they get Barlow Twins' 0.0048 / 0.2 = 0.024 of the weights' lr.
 BASELINE = dict(epochs=200, batch_size=256, final_lr_ratio=1e-3, global_crops=2, local_crops=0,
                 head="thesis", knn_every=0, bias_lr_scale=0.024, zero_init_residual=False)
 MULTICROP = dict(BASELINE, local_size=None, local_scale=None)

@@ -1,7 +1,8 @@
 """Networks: ResNet backbone (torchvision, optional CIFAR stem), projection head, the method's last
 part; the EMA teacher and the queue that some methods keep.
 
-    view -> backbone -> (B, F) features -> projection head -> (B, D) embedding z -> last part -> (B, K or D)
+    view -> backbone -> (B, F) features -> projection head -> (B, D) embedding z
+         -> last part -> (B, K or D)
 
 The last part (`Model.out`) is built by the method's entry in methods.py (CARL's prototypes, CARP's
 assigner, BYOL's predictor, ...); this file knows no method. The backbone is a plain torchvision
@@ -69,12 +70,13 @@ def projection_head(kind, feat_dim):
 
 
 class UnitPrototypes(nn.Module):
-    """K prototypes used at unit length: logits <z, c_j / ||c_j||>. The published CARP's last layer: a
-    weight-normalised linear layer whose norm is fixed at 1, which is this."""
+    """K prototypes used at unit length: logits <z, c_j / ||c_j||>. The published CARP's last
+    layer: a weight-normalised linear layer whose norm is fixed at 1, which is this."""
 
     def __init__(self, dim, num_prototypes):
         super().__init__()
-        self.weight = nn.Parameter(nn.Linear(dim, num_prototypes, bias=False).weight.detach())  # (K, D)
+        weight = nn.Linear(dim, num_prototypes, bias=False).weight.detach()  # (K, D)
+        self.weight = nn.Parameter(weight)
 
     def forward(self, z):
         return z @ F.normalize(self.weight, dim=1).T  # (B, K)
@@ -101,8 +103,8 @@ class Model(nn.Module):
         self.head, dim = projection_head(head, feat_dim)
         self.normalize = normalize
         self.out, protos = last(dim, feat_dim)
-        # where the prototypes are inside `out` ("" when `out` is them): a name, not a second reference,
-        # which would list them twice in the state_dict
+        # where the prototypes are inside `out` ("" when `out` is them): a name, not a second
+        # reference, which would list them twice in the state_dict
         self.prototypes_at = next((n for n, m in self.out.named_modules() if m is protos), None)
 
     @property
@@ -162,16 +164,18 @@ class EMATeacher:
 
 
 class Queue:
-    """The last `size` rows pushed (keys, embeddings), the oldest overwritten first: MoCo's negatives
-    (filled with random unit keys at the start, as MoCo does), SwAV's bank (empty at the start, used
-    once full). `size` must be a multiple of the rows pushed per step (train.py checks)."""
+    """The last `size` rows pushed (keys, embeddings), the oldest overwritten first: MoCo's
+    negatives (filled with random unit keys at the start, as MoCo does), SwAV's bank (empty at the
+    start, used once full). `size` must be a multiple of the rows pushed per step (train.py
+    checks)."""
 
     def __init__(self, size, dim, device, random_fill_seed=None):
         if random_fill_seed is None:
             self.rows, self.filled = torch.zeros(size, dim, device=device), 0
         else:
             g = torch.Generator().manual_seed(random_fill_seed)
-            self.rows, self.filled = F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device), size
+            rows = F.normalize(torch.randn(size, dim, generator=g), dim=1)  # (size, dim)
+            self.rows, self.filled = rows.to(device), size
         self.ptr = 0
 
     @property

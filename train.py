@@ -1,8 +1,8 @@
-"""Pretrain a backbone with CARL, CARP, or one of the thesis's baselines (SimCLR, BYOL, SwAV, MoCo v2).
+"""Pretrain a backbone with CARL, CARP, or a baseline of the thesis (SimCLR, BYOL, SwAV, MoCo v2).
 
-    python train.py                                   # CARL on the built-in synthetic dataset, CPU ok
+    python train.py                         # CARL on the built-in synthetic dataset, CPU ok
     python train.py --method carp --dataset cifar10 --data-dir data --download
-    python train.py --method carp --recipe neurips23 --dataset cifar10 --data-dir data   # published CARP
+    python train.py --method carp --recipe neurips23 --dataset cifar10   # the published CARP
     torchrun --nproc_per_node=4 train.py --method carp --dataset imagefolder --data-dir /imagenet
 
 Writes <out-dir>/log.jsonl (one JSON line per log step and per kNN evaluation), and <out-dir>/run.pt
@@ -57,7 +57,7 @@ class Parser(argparse.ArgumentParser):
     """argparse whose refusals are one line, like every other refusal here (no usage dump)."""
 
     def error(self, message):
-        fail(re.sub(r"^argument (--[\w-]+)\S*: ", r"\1 ", message))  # "argument --x/--no-x: m" -> "--x m"
+        fail(re.sub(r"^argument (--[\w-]+)\S*: ", r"\1 ", message))  # "argument --x/--y: m"
 
 
 def checked(kind, ok, what):
@@ -124,25 +124,25 @@ def parse_args(argv=None):
     add("--lam-end", type=NONNEGATIVE, help="KL weight after --lam-epochs (a)")
     add("--lam-epochs", type=NONNEGATIVE, help="epochs of linear decay (E)")
     add("--kl", choices=["per-view", "pooled"],
-        help="CARL/CARP: the KL of each view's batch-mean assignment (thesis), or of all views pooled")
+        help="CARL/CARP: the KL of each view's batch-mean assignment (thesis), or of all pooled")
     add("--temperature", type=POSITIVE, help="SimCLR, SwAV, MoCo v2")
     add("--queue-size", type=COUNT,
-        help="MoCo v2's negatives, SwAV's Sinkhorn bank (0: none): a multiple of the rows a step adds")
+        help="MoCo v2's negatives, SwAV's Sinkhorn bank (0: none): a multiple of a step's rows")
     add("--teacher", choices=["none", "ema"],
         help="CARL/CARP: targets from an EMA teacher of the student (BYOL and MoCo v2 have one)")
     add("--teacher-momentum", type=UNIT, help="EMA momentum at the first step")
     add("--teacher-momentum-end", type=UNIT,
         help="... at the last (a per-step cosine between the two; equal: constant)")
     add("--export-teacher", action="store_true", help="backbone.pt holds the teacher's backbone")
-    add("--views", choices=list(augment.VIEWS), help="view pipeline (augment.py); default: the method's")
+    add("--views", choices=list(augment.VIEWS), help="view pipeline (augment.py)")
     add("--global-crops", type=CROPS, help="global crops per image (CARL, CARP, SwAV: >= 2)")
     add("--local-crops", type=COUNT, help="multi-crop: small crops per image (CARL, CARP, SwAV)")
-    add("--local-size", type=POSITIVE_INT, help="local crops' size (default: 96 at 224 px, else half)")
+    add("--local-size", type=POSITIVE_INT, help="local crops' size (default: 96 at 224, else half)")
     add("--local-scale", type=POSITIVE, nargs=2, metavar=("A", "B"),
         help="local crops' area range (default 0.05 0.2)")
     add("--loader", choices=["device", "workers"],
-        help="device: the dataset decoded once into memory on the training device, views made there "
-             "in batches; workers: PIL views in DataLoader processes (default: workers for "
+        help="device: the dataset decoded once into memory on the training device, views made "
+             "there in batches; workers: PIL views in DataLoader processes (default: workers for "
              "ImageFolder trees of large images, else device)")
     add("--amp", choices=["bf16", "fp16", "off"],
         help="default: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else off")
@@ -156,11 +156,12 @@ def parse_args(argv=None):
     add("--resume", help="continue from this run.pt (only needed when it lies outside --out-dir)")
     add("--ckpt-every-epochs", type=POSITIVE_INT, default=1,
         help="write run.pt at the end of every N-th epoch (more than 1 where epochs take seconds)")
-    add("--ckpt-every-min", type=POSITIVE, default=15.0, help="also write run.pt inside an epoch this often")
+    add("--ckpt-every-min", type=POSITIVE, default=15.0,
+        help="also write run.pt inside an epoch this often")
     add("--knn-every", type=COUNT,
         help="kNN top-1 (k=200) every N epochs, after the last, and before the first (default: 1 "
              "for synthetic, else 0 = off)")
-    add("--knn-train-subset", type=POSITIVE_INT, help="kNN bank: a class-balanced subset of this many")
+    add("--knn-train-subset", type=POSITIVE_INT, help="kNN bank: a class-balanced subset")
     add("--knn-test-subset", type=POSITIVE_INT, help="kNN queries: a class-balanced subset")
     add("--seed", type=COUNT, default=0)
     add("--log-every", type=POSITIVE_INT, default=10, help="steps between log lines")
@@ -192,9 +193,9 @@ def resolve(args):
     method = METHODS[args.method]
     recipes = {r for m in METHODS.values() for r in m.recipes}
     if args.recipe != "thesis" and args.recipe not in recipes:
-        fail(f"unknown --recipe {args.recipe!r}; choose one of thesis, {', '.join(sorted(recipes))}")
+        fail(f"unknown --recipe {args.recipe!r}; choose thesis or {', '.join(sorted(recipes))}")
     if args.recipe != "thesis" and args.recipe not in method.recipes:
-        fail(f"--recipe {args.recipe} is not one of --method {args.method}'s, which follows its paper")
+        fail(f"--recipe {args.recipe} is not one of --method {args.method}'s (its paper's own)")
     for key in METHOD_KEYS:
         if key not in method.defaults and getattr(args, key) is not None:
             fail(f"{flag(key)} is not used by --method {args.method}")
@@ -209,8 +210,8 @@ def resolve(args):
     if args.loader is None:
         args.loader = data.default_loader(args.dataset, args.image_size)
     if "bias_lr_scale" in given and args.optimizer != "lars":
-        fail(f"--bias-lr-scale is for --optimizer lars (biases and BatchNorm skip its trust ratio); "
-             f"this run has --optimizer {args.optimizer}")
+        fail(f"--bias-lr-scale is for --optimizer lars (biases and BatchNorm skip its trust "
+             f"ratio); this run has --optimizer {args.optimizer}")
     if args.warmup_epochs >= args.epochs:
         fail(f"--warmup-epochs {args.warmup_epochs:g} must be shorter than the run's "
              f"--epochs {args.epochs}")
@@ -228,9 +229,10 @@ def resolve(args):
 def resolve_views(args, method, given):
     """The crops each method can take; none below the network's stride."""
     if not method.multiview and (args.global_crops != 2 or args.local_crops):
-        fail(f"--method {args.method}'s loss takes two views: --global-crops 2 and no --local-crops")
+        fail(f"--method {args.method}'s loss takes two views: --global-crops 2, no --local-crops")
     if args.local_crops:
-        args.local_size = args.local_size or (96 if args.image_size >= 224 else args.image_size // 2)
+        args.local_size = args.local_size or (96 if args.image_size >= 224
+                                              else args.image_size // 2)
         args.local_scale = tuple(args.local_scale or (0.05, 0.2))
         a, b = args.local_scale
         if not 0 < a < b <= 1:
@@ -242,8 +244,9 @@ def resolve_views(args, method, given):
     stride = 8 if args.cifar_stem else 32  # smaller crops reach layer4's stride-2 convs as 1x1 maps
     for key in ("image_size", "local_size"):  # (and on CPUs bf16 gave NaN gradients there)
         if getattr(args, key) is not None and getattr(args, key) < stride:
-            fail(f"{flag(key)} {getattr(args, key)} is below the network's stride ({stride} px with "
-                 f"the {'cifar' if args.cifar_stem else 'imagenet'} stem)")
+            stem = "cifar" if args.cifar_stem else "imagenet"
+            fail(f"{flag(key)} {getattr(args, key)} is below the network's stride ({stride} px "
+                 f"with the {stem} stem)")
 
 
 def resolve_teacher(args, method, given):
@@ -251,10 +254,11 @@ def resolve_teacher(args, method, given):
     if method.needs_teacher and args.teacher != "ema":
         fail(f"--method {args.method} needs its EMA teacher (--teacher ema)")
     if args.export_teacher and args.teacher != "ema":
-        fail("--export-teacher exports the EMA teacher's backbone: the run has none (--teacher ema)")
+        fail("--export-teacher exports the EMA teacher's backbone: the run has none "
+             "(--teacher ema)")
     if args.teacher == "none" and given & {"teacher_momentum", "teacher_momentum_end"}:
-        fail("--teacher-momentum and --teacher-momentum-end are for the EMA teacher: give --teacher "
-             "ema too")
+        fail("--teacher-momentum and --teacher-momentum-end are for the EMA teacher: give "
+             "--teacher ema too")
     if args.prototypes == "unit":  # scaling a unit-norm prototype changes nothing
         if "proto_init_gain" in given and args.proto_init_gain != 1:
             fail("--proto-init-gain does not change unit-norm prototypes (--prototypes unit)")
@@ -262,16 +266,17 @@ def resolve_teacher(args, method, given):
     if args.queue_size:
         per_step = args.global_crops * args.batch_size  # rows a step adds: the global batch's crops
         if args.queue_size % per_step:
-            fail(f"--queue-size {args.queue_size} is not a multiple of the {per_step} rows each step "
-                 f"adds ({args.global_crops} views x --batch-size {args.batch_size})")
+            fail(f"--queue-size {args.queue_size} is not a multiple of the {per_step} rows each "
+                 f"step adds ({args.global_crops} views x --batch-size {args.batch_size})")
     elif method.queue == "random":
-        fail(f"--method {args.method} takes its negatives from a queue: --queue-size must be positive")
+        fail(f"--method {args.method} takes its negatives from a queue: --queue-size must be "
+             f"positive")
 
 
 def cpu_has_native_bf16():
     """AVX512-BF16 or AMX: there a bf16-autocast ResNet-18 step is 1.7-1.9x faster than a float32
     one (2-core EPYC, RESULTS.md); without them bf16 is emulated and slower."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # also when capped by ATEN_CPU_CAPABILITY
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # also if ATEN_CPU_CAPABILITY caps it
         return False
     return any(getattr(torch.cpu, name, lambda: False)()
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -283,17 +288,18 @@ def resolve_speed(args, device_type):
         args.amp = "bf16" if device_type == "cuda" or cpu_has_native_bf16() else "off"
     if args.amp == "fp16" and device_type != "cuda":
         fail("--amp fp16 needs a GPU; use --amp bf16 or off on the CPU")
-    if args.compile is None:  # 1.6x on an H100 (RESULTS.md); on CPUs no gain, and it needs a compiler
+    if args.compile is None:  # 1.6x on an H100 (RESULTS.md); no gain on CPUs, needs a compiler
         args.compile = device_type == "cuda"
 
 
 def check_same_run(saved, args, path):
     """One clear line naming the first flag that differs from the run being continued."""
-    as_saved = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)  # noqa: E731 (tuples: lists)
+    as_saved = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)  # noqa: E731
     for key, value in vars(args).items():
         if key not in MAY_CHANGE and key in saved and as_saved(saved[key]) != as_saved(value):
             fail(f"{path} is a run with {flag(key)} {shown(saved[key])}, but this command has "
-                 f"{flag(key)} {shown(value)}; use the run's flags to continue it, or another --out-dir")
+                 f"{flag(key)} {shown(value)}; use the run's flags to continue it, or another "
+                 f"--out-dir")
 
 
 def describe_schedules(args):
@@ -320,10 +326,11 @@ def describe_run(args, num_images, world, device, steps_per_epoch):
     if args.local_crops:
         a, b = args.local_scale
         crops += f" + {args.local_crops} x {args.local_size} px (scale {a:g}-{b:g})"
-    return (f"{args.method} {args.arch} on {args.dataset}: {num_images} images, {world} process(es) "
-            f"on {device.type}, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {args.epochs} "
-            f"epochs, {own}, {args.optimizer} wd {args.weight_decay:g}, {args.views} views ({crops}), "
-            f"{args.loader} loader, amp {args.amp}"
+    return (f"{args.method} {args.arch} on {args.dataset}: {num_images} images, {world} "
+            f"process(es) on {device.type}, batch {args.batch_size}, {steps_per_epoch} "
+            f"steps/epoch, {args.epochs} epochs, {own}, {args.optimizer} wd "
+            f"{args.weight_decay:g}, {args.views} views ({crops}), {args.loader} loader, amp "
+            f"{args.amp}"
             + (", torch.compile (its first step takes about a minute)" if args.compile else ""))
 
 
@@ -333,7 +340,8 @@ def describe_recipe(args):
         return None
     values = METHODS[args.method].recipes[args.recipe](args)
     return f"recipe {args.recipe} ({methods.RECIPE_NOTES[args.recipe]}): " + " ".join(
-        f"{flag(k)} {shown(v)}" + ("" if getattr(args, k) == v else f" (here {shown(getattr(args, k))})")
+        f"{flag(k)} {shown(v)}"
+        + ("" if getattr(args, k) == v else f" (here {shown(getattr(args, k))})")
         for k, v in values.items())
 
 
@@ -416,8 +424,8 @@ def build_model(args):
 
 def build_optimizer(args, model, lr):
     if args.optimizer == "sgd":
-        return torch.optim.SGD(lars.param_groups(model, "larc"), lr=lr, weight_decay=args.weight_decay,
-                               momentum=0.9)
+        return torch.optim.SGD(lars.param_groups(model, "larc"), lr=lr, momentum=0.9,
+                               weight_decay=args.weight_decay)
     groups = lars.param_groups(model, args.optimizer, excluded_lr_scale=args.bias_lr_scale)
     return lars.LARS(groups, lr=lr, weight_decay=args.weight_decay, momentum=0.9)
 
@@ -476,7 +484,8 @@ def ignore_stop_signals(_worker_id=None):
 
 
 def load_pretrain_data(args, device, max_bytes):
-    """The pretraining split: (uint8 images (N, 3, H, W) on `device`, or a PIL dataset; labels (N,))."""
+    """The pretraining split: (uint8 images (N, 3, H, W) on `device`, or a PIL dataset; labels
+    (N,))."""
     if args.loader == "device":
         images, labels = data.load_images(args.dataset, "pretrain", args.data_dir, args.download,
                                           args.image_size, max_bytes, args.train_subset,
@@ -513,9 +522,10 @@ def pretrain_batches(args, source, batches, rank, device):
             g.manual_seed(data.seed_of(args.seed, step, rank))  # views depend on (seed, step, rank)
             yield views(source[order[it]], g)
         return
-    loader = torch.utils.data.DataLoader(
-        data.SeededViews(source, view_pipeline(args, batched=False), args.seed), batch_sampler=batches,
-        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    seeded = data.SeededViews(source, view_pipeline(args, batched=False), args.seed)
+    loader = torch.utils.data.DataLoader(seeded, batch_sampler=batches, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals)
     stream = iter(loader)
     try:
         for views in stream:
@@ -523,7 +533,7 @@ def pretrain_batches(args, source, batches, rank, device):
         return
     except data.BadImageError as e:  # raised in a worker, its message ends with ours; run.pt intact
         message = str(e).strip().splitlines()[-1].split("BadImageError: ")[-1]
-        e.__traceback__ = None  # its frames hold the loader (in a cycle only the garbage collector frees)
+        e.__traceback__ = None  # its frames hold the loader (in a cycle: only gc would free it)
     # The workers shut down now: they ignore SIGTERM, so a process exiting with them alive waits
     # for them forever.
     del stream
@@ -543,7 +553,7 @@ def train_step(run, views, now, step):
         teacher = None if run.teacher is None else run.teacher(  # Outputs of the global crops
             views[:run.args.global_crops], data.seed_of(run.args.seed, step, run.rank, 1))
     loss, stats, push = run.method.loss(student, teacher, run, now, step)
-    if run.teacher and run.method.teacher_first:  # the teacher takes the weights this step started from
+    if run.teacher and run.method.teacher_first:  # the weights this step started from
         run.teacher.update(run.model, now["momentum"])
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -577,10 +587,11 @@ class KnnMonitor:
     @torch.no_grad()
     def __call__(self, backbone, batch_size=256):
         feats = []
-        eval_batch = lambda x: augment.eval_batch(x, self.args.image_size, self.args.dataset)  # noqa: E731
+        a = self.args
+        eval_batch = lambda x: augment.eval_batch(x, a.image_size, a.dataset)  # noqa: E731
         for images, labels in self.splits:
             batches = evaluate.DeviceBatches(images, labels, batch_size, eval_batch)
-            feats.append(evaluate.extract_features(backbone, batches, self.device))  # ((N, F), (N,))
+            feats.append(evaluate.extract_features(backbone, batches, self.device))  # (N, F), (N,)
         backbone.train()
         (bank, bank_labels), (queries, query_labels) = feats
         scores = evaluate.knn_classify(bank, bank_labels, queries, self.num_classes, k=200,
@@ -588,7 +599,7 @@ class KnnMonitor:
         return evaluate.topk_accuracy(scores, query_labels)  # [top-1, top-5]
 
 
-# ---------------------------------------------------------------- between the steps: logs, saves, kNN
+# ---------------------------------------------------------------- between steps: logs, saves, kNN
 
 class Bookkeeping:
     """What happens between steps, the same for every method: each step the ranks agree whether to
@@ -605,12 +616,15 @@ class Bookkeeping:
         self.stop_signal, self.data_info = stop_signal, data_info
         self.run_path = os.path.join(args.out_dir, "run.pt")
         self.log_path = os.path.join(args.out_dir, "log.jsonl")
-        self.monitor = KnnMonitor(args, device, max_bytes) if args.knn_every and self.rank == 0 else None
+        self.monitor = None
+        if args.knn_every and self.rank == 0:
+            self.monitor = KnnMonitor(args, device, max_bytes)
         self.cuda = device.type == "cuda"
         if self.rank == 0:
             os.makedirs(args.out_dir, exist_ok=True)
-            log = trim_log(self.log_path, self.start)  # drop what a stopped run logged after its save
-            print(describe_run(args, data_info["num_images"], self.world, device, self.spe), flush=True)
+            log = trim_log(self.log_path, self.start)  # drop what a stopped run logged after saving
+            print(describe_run(args, data_info["num_images"], self.world, device, self.spe),
+                  flush=True)
             print(describe_schedules(args), flush=True)
             if describe_recipe(args):
                 print(describe_recipe(args), flush=True)
@@ -633,7 +647,8 @@ class Bookkeeping:
                      "world": self.world}
             atomic_save(state, self.run_path)
             exported = run.teacher.net if self.args.export_teacher else run.model
-            atomic_save(exported.backbone.state_dict(), os.path.join(self.args.out_dir, "backbone.pt"))
+            atomic_save(exported.backbone.state_dict(),
+                        os.path.join(self.args.out_dir, "backbone.pt"))
         self.last_save = time.time()
 
     def knn_due(self, step):  # before training, after every --knn-every-th epoch and after the last
@@ -642,7 +657,7 @@ class Bookkeeping:
                                                     or step == self.total)
 
     def knn(self, step):
-        if self.rank == 0 and all(r["step"] != step for r in self.knn_records):  # not if held already
+        if self.rank == 0 and all(r["step"] != step for r in self.knn_records):  # not held yet
             t0 = time.time()
             top1, top5 = self.monitor(self.run.model.backbone)
             rec = {"epoch": step // self.spe, "step": step, "knn_top1": round(top1, 2),
@@ -659,7 +674,7 @@ class Bookkeeping:
         epoch, it = divmod(step, self.spe)
         if step == self.start:  # the speed is timed from here: the first step waits for --compile
             if self.cuda:
-                torch.cuda.synchronize()  # once a session: the first step's GPU work inside, not after
+                torch.cuda.synchronize()  # once a session: the first step's GPU work before t0
             self.t_first = time.time()
         save_due = self.rank == 0 and time.time() - self.last_save > 60 * self.args.ckpt_every_min
         epoch_done = it == self.spe - 1
@@ -669,12 +684,12 @@ class Bookkeeping:
         flags = torch.tensor([max(self.stop_signal, default=0), int(save_due),
                               log_due and not math.isfinite(loss.item())])
         self.agree(flags)
-        if (flags[0] or flags[1]) and not log_due:  # a save off the log steps: its loss checked first
+        if (flags[0] or flags[1]) and not log_due:  # a save off the log steps: loss checked first
             flags[2] = not math.isfinite(loss.item())
             self.agree(flags)
         if flags[2]:  # on every rank at once (one alone would leave the others waiting in DDP)
-            fail(f"the loss is not finite at step {step} ({loss.item()} on rank {self.rank}); lower "
-                 f"--lr" + (", or raise --lam-start" if "lam" in now else ""))
+            fail(f"the loss is not finite at step {step} ({loss.item()} on rank {self.rank}); "
+                 f"lower --lr" + (", or raise --lam-start" if "lam" in now else ""))
         if self.rank == 0 and log_due:
             self.log(step, epoch, loss, stats, now)
         every = self.args.ckpt_every_epochs
@@ -700,25 +715,26 @@ class Bookkeeping:
     def log(self, step, epoch, loss, stats, now):
         t = time.time()
         done, since = (step - self.start, self.t_first) if step > self.start else (1, self.t_start)
-        rate = self.args.batch_size * done / (t - since)  # images/s this session, after its 1st step
+        rate = self.args.batch_size * done / (t - since)  # images/s this session, after step 1
         eta = (self.end - step - 1) * self.args.batch_size / rate / 60
         rec = {"epoch": epoch, "step": step, "loss": loss.item(),
                **{k: float(v) for k, v in stats.items()}, **now, "img_per_s": round(rate, 1),
                "eta_min": round(eta, 1), "time": round(t - self.t_start, 3)}
         shown = " ".join(f"{k.replace('_', '-')} {rec[k]:.4g}" for k in [*stats, *now])
-        print(f"ep {epoch} step {step}/{self.total} loss {rec['loss']:.4f} {shown} {rate:.0f} img/s "
-              f"eta {rec['eta_min']}m", flush=True)
+        print(f"ep {epoch} step {step}/{self.total} loss {rec['loss']:.4f} {shown} {rate:.0f} "
+              f"img/s eta {rec['eta_min']}m", flush=True)
         append_log(self.log_path, rec)
 
     def finish(self):
         if self.rank == 0:
-            print(f"done: {self.end // self.spe} of {self.args.epochs} epochs in "
-                  f"{(time.time() - self.t_start) / 60:.1f} min; checkpoint {self.run_path}", flush=True)
+            minutes = (time.time() - self.t_start) / 60
+            print(f"done: {self.end // self.spe} of {self.args.epochs} epochs in {minutes:.1f} "
+                  f"min; checkpoint {self.run_path}", flush=True)
             if len(self.knn_records) > 1:
                 first, last = self.knn_records[0], self.knn_records[-1]
                 init = " (random init)" if first["step"] == 0 else ""
-                print(f"kNN top-1 (k=200): {first['knn_top1']:.2f} at epoch {first['epoch']}{init} -> "
-                      f"{last['knn_top1']:.2f} at epoch {last['epoch']}: "
+                print(f"kNN top-1 (k=200): {first['knn_top1']:.2f} at epoch {first['epoch']}{init} "
+                      f"-> {last['knn_top1']:.2f} at epoch {last['epoch']}: "
                       f"{last['knn_top1'] - first['knn_top1']:+.2f} points", flush=True)
 
 
@@ -776,27 +792,29 @@ def find_checkpoint(args, rank, world, control):
     # The same command continues its own run; --resume only points elsewhere for a first start.
     resume_from = run_path if os.path.exists(run_path) else args.resume
     ckpt = checkpoints.load_checkpoint(resume_from) if resume_from else None
-    if ckpt is not None and ("teacher" not in ckpt or any(k.startswith("assigner.") for k in ckpt["model"])):
+    older = ckpt is not None and ("teacher" not in ckpt
+                                  or any(k.startswith("assigner.") for k in ckpt["model"]))
+    if older:
         fail(f"{resume_from} was written by an older train.py (before the baselines: no teacher or "
              f"queue entries); continue it with that version, or start a new --out-dir")
     if ckpt is not None:
         check_same_run(ckpt["args"], args, resume_from)
         if ckpt.get("world", world) != world and rank == 0:  # this one changes the run
-            print(f"warning: {resume_from} ran in {ckpt['world']} process(es), this run has {world}: "
-                  f"the views and BatchNorm statistics differ from an uninterrupted run's from here on",
-                  flush=True)
+            print(f"warning: {resume_from} ran in {ckpt['world']} process(es), this run has "
+                  f"{world}: the views and BatchNorm statistics differ from an uninterrupted run's "
+                  f"from here on", flush=True)
     if world > 1:  # every rank must continue from the same step (--out-dir on a shared filesystem)
         start = ckpt["step"] if ckpt is not None else 0
         steps = torch.tensor([start, -start])  # (2,)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=control)
         if steps[0] != -steps[1]:
-            fail(f"the ranks found run.pt at different steps ({-int(steps[1])} to {int(steps[0])}); "
-                 f"--out-dir must be one folder every node sees")
+            fail(f"the ranks found run.pt at different steps ({-int(steps[1])} to "
+                 f"{int(steps[0])}); --out-dir must be one folder every node sees")
     return ckpt, resume_from
 
 
 def pretrain(args, stop_signal):
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; checked before any process group waits
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; checked before any group waits
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     rank, world, device, control = setup_distributed()
@@ -806,8 +824,8 @@ def pretrain(args, stop_signal):
     if ckpt is not None and ckpt["epoch"] >= (args.until_epoch or args.epochs):
         if rank == 0:
             until = f" (--until-epoch {args.until_epoch})" if args.until_epoch else ""
-            print(f"{resume_from} is finished: {ckpt['epoch']} of {args.epochs} epochs done{until}; "
-                  f"nothing to do", flush=True)
+            print(f"{resume_from} is finished: {ckpt['epoch']} of {args.epochs} epochs "
+                  f"done{until}; nothing to do", flush=True)
         return
 
     # Data: this rank's share of every global batch, in an order fixed by (seed, epoch).
@@ -815,7 +833,8 @@ def pretrain(args, stop_signal):
     source, labels = load_pretrain_data(args, device, max_bytes)
     info = {"num_images": len(labels), "num_classes": len(labels[labels >= 0].unique())}
     if info["num_images"] < args.batch_size:
-        fail(f"{info['num_images']} images are fewer than one batch of --batch-size {args.batch_size}")
+        fail(f"{info['num_images']} images are fewer than one batch of --batch-size "
+             f"{args.batch_size}")
     if ckpt is not None and ckpt.get("data") and ckpt["data"] != info:
         fail(f"{args.dataset} under {args.data_dir} now has {info['num_images']} images in "
              f"{info['num_classes']} classes, but {resume_from} was trained on "
@@ -853,7 +872,8 @@ def atomic_save(obj, path):
 
 
 def knn_gain(records):
-    """' (+12.30 since epoch 0)' for the newest kNN record; ' (random init)' for a fresh run's first."""
+    """' (+12.30 since epoch 0)' for the newest kNN record; ' (random init)' for a fresh run's
+    first."""
     first, last = records[0], records[-1]
     if last is first:
         return " (random init)" if first["step"] == 0 else ""
@@ -881,7 +901,8 @@ def append_log(path, rec):
 def trim_log(path, step):
     """Keep the log records of steps before `step` (kNN records at `step` too), so a continued run
     logs every step once; returns them."""
-    kept = [r for r in read_log(path) if r["step"] < step or "knn_top1" in r and 0 < r["step"] == step]
+    kept = [r for r in read_log(path)
+            if r["step"] < step or "knn_top1" in r and 0 < r["step"] == step]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     return kept
