@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -56,9 +57,16 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one line, like every other refusal here (no usage dump)."""
+
+    def error(self, message):
+        fail(re.sub(r"^argument (--[\w-]+)\S*: ", r"\1 ", message))  # "argument --x/--y: m"
+
+
 def ranged(kind, what, ok):
-    """An argparse type: text -> kind(text), refused at parse time unless ok(value), argparse's
-    error naming the flag: "argument --knn-t: must be a number > 0, not 0"."""
+    """An argparse type: text -> kind(text), refused at parse time unless ok(value): "--knn-t
+    must be a number > 0, not 0". train.py's flags use these too."""
     def parse(text):
         try:
             value = kind(text)
@@ -75,10 +83,11 @@ nonnegative_int = ranged(int, "an integer >= 0", lambda v: v >= 0)
 positive_float = ranged(float, "a number > 0", lambda v: 0 < v < math.inf)  # nan and inf refused
 nonnegative_float = ranged(float, "a number >= 0", lambda v: 0 <= v < math.inf)
 seed_int = ranged(int, "an integer from 0 to 2**63 - 1", lambda v: 0 <= v < 2 ** 63)  # torch's
+unit_float = ranged(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True,
                    help="run.pt written by train.py, an exported backbone.pt, or another library's "
                         "checkpoint (CARP / DINO, MoCo v3, MoCo v1/v2, SwAV, VICReg, Barlow Twins, "
@@ -422,12 +431,14 @@ def check_writable(log_path):
 
 def main(argv=None):
     """run(argv), with an unreadable image, wherever PIL reads one (here or in a DataLoader
-    process), ending the run in one line naming the file."""
+    process), ending the run in one line naming the file; Ctrl-C too."""
     try:
         return run(argv)
     except data.BadImageError as e:
         message = e.line()
         e.__traceback__ = None  # its frames hold the DataLoader iterator: freed, its processes stop
+    except KeyboardInterrupt:
+        message = "stopped by Ctrl-C; the results printed above are in eval.jsonl"
     fail(message)
 
 

@@ -18,7 +18,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -53,37 +52,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 # ---------------------------------------------------------------- the command line
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose refusals are one line, like every other refusal here (no usage dump)."""
-
-    def error(self, message):
-        fail(re.sub(r"^argument (--[\w-]+)\S*: ", r"\1 ", message))  # "argument --x/--y: m"
-
-
-def checked(kind, ok, what):
-    """An argparse type: kind(text), refused at parse time unless finite and ok(value)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
-        return value
-    return parse
-
-
-POSITIVE_INT = checked(int, lambda v: v > 0, "a positive integer")
-COUNT = checked(int, lambda v: v >= 0, "0 or a positive integer")
-CROPS = checked(int, lambda v: v >= 2, "2 or more: each global crop is the target of another view")
-POSITIVE = checked(float, lambda v: v > 0, "positive")
-NONNEGATIVE = checked(float, lambda v: v >= 0, "0 or positive")
-UNIT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+# argparse types: each flag's range is checked at parse time, in one line
+POSITIVE_INT, COUNT, SEED = evaluate.positive_int, evaluate.nonnegative_int, evaluate.seed_int
+POSITIVE, NONNEGATIVE, UNIT = evaluate.positive_float, evaluate.nonnegative_float, evaluate.unit_float
+CROPS = evaluate.ranged(int, "2 or more: each global crop is the target of another view",
+                        lambda v: v >= 2)
 
 
 def parse_args(argv=None):
     """The run's settings, final: every flag resolved (resolve) and checked before any work."""
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = evaluate.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--method", default="carl", help=", ".join(METHODS))
     add("--recipe", default="thesis", help="thesis, or neurips23 (CARL, CARP: the published CARP)")
@@ -163,7 +141,7 @@ def parse_args(argv=None):
              "for synthetic, else 0 = off)")
     add("--knn-train-subset", type=POSITIVE_INT, help="kNN bank: a class-balanced subset")
     add("--knn-test-subset", type=POSITIVE_INT, help="kNN queries: a class-balanced subset")
-    add("--seed", type=COUNT, default=0)
+    add("--seed", type=SEED, default=0)
     add("--log-every", type=POSITIVE_INT, default=10, help="steps between log lines")
     return resolve(p.parse_args(argv))
 
@@ -532,7 +510,7 @@ def pretrain_batches(args, source, batches, rank, device):
             yield [v.to(device, non_blocking=True) for v in views]
         return
     except data.BadImageError as e:  # raised in a worker, its message ends with ours; run.pt intact
-        message = str(e).strip().splitlines()[-1].split("BadImageError: ")[-1]
+        message = e.line()
         e.__traceback__ = None  # its frames hold the loader (in a cycle: only gc would free it)
     # The workers shut down now: they ignore SIGTERM, so a process exiting with them alive waits
     # for them forever.

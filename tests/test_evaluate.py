@@ -545,8 +545,8 @@ def test_unreadable_image_is_one_line(run_dir, tmp_path, protocol, corrupt, work
 def test_flag_out_of_range_is_refused_at_parse_time(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.parse_args(["--ckpt", "run.pt", flag, value])
-    assert e.value.code == 2  # argparse's usage error
-    assert f"error: argument {flag}: must be " in capsys.readouterr().err
+    assert e.value.code.startswith(f"error: {flag} must be ") and value in e.value.code
+    assert capsys.readouterr().err == ""  # one line, no usage dump
 
 
 def test_one_image_batches_refused_for_fine_tuning(run_dir):
@@ -562,3 +562,16 @@ def test_knn_row_says_the_k_used(run_dir, capsys):
     out, err = capsys.readouterr()
     assert "\ntrained knn k=50: top-1 " in out and "knn k=200" not in out
     assert "warning: --knn-k 200 is more than the 50 train images; k=50 used" in err
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_results(run_dir, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "train_linear", interrupted)  # Ctrl-C during the linear probe
+    log = run_dir / "eval.jsonl"
+    before = log.read_text().count("\n") if log.exists() else 0
+    with pytest.raises(SystemExit, match=r"^error: stopped by Ctrl-C; the results printed above are "
+                                         r"in eval.jsonl$"):
+        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", *TINY])
+    assert "trained knn k=" in capsys.readouterr().out  # kNN came first: printed and logged
+    assert log.read_text().count("\n") > before
