@@ -51,6 +51,8 @@ import model as models
 PROTOCOLS = ("knn", "linear", "linear-aug", "semi", "finetune")
 SEMI_FRACTIONS = (0.01, 0.10)
 PROGRESS_SECONDS = 20  # at most one progress line this often
+# linear-aug's crops per forward of the frozen backbone, in pixels: 4096 (GPU) or 512 (CPU) at 32 px
+FEATURE_PIXELS = {"cuda": 2 ** 22, "cpu": 2 ** 19}
 
 
 def fail(msg):
@@ -134,6 +136,9 @@ def parse_args(argv=None):
                         "trees of large images, else device")
     p.add_argument("--workers", type=nonnegative_int, default=min(8, os.cpu_count() or 1),
                    help="data loader processes (0: in this one)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile linear-aug's crops and frozen backbone (--loader device; "
+                        "for GPUs: it costs a compile of each of two shapes)")
     p.add_argument("--seed", type=seed_int, default=0,
                    help="random-init weights, training order and linear-aug's views")
     args = p.parse_args(argv)
@@ -374,15 +379,36 @@ def train_linear(train_feats, train_labels, num_classes, epochs=100, lr=0.1, bat
     return head
 
 
-def device_aug_epochs(images, labels, batch_size, args, device):
-    """linear-aug's epochs with --loader device: a function returning one epoch of (train_view of a
-    batch, labels) in a fresh shuffled order, made on the device (augment.batch_train_view)."""
+def device_aug_epochs(backbone, images, labels, batch_size, args, device, chunk=None):
+    """linear-aug's epochs with --loader device: a function returning one epoch of (features (B, F),
+    labels (B,)) of the frozen backbone on train_view crops (augment.batch_train_view, made on the
+    device) in a fresh shuffled order. The crops go through the backbone `chunk` images at a time
+    (a multiple of batch_size; default FEATURE_PIXELS' worth), bf16 on a GPU, compiled with
+    --compile: in eval mode each image is normalised on its own, so the chunk changes only float
+    rounding. Order and crop parameters are drawn on the device for a whole epoch at once, from
+    --seed alone."""
     view = augment.batch_train_view(args.image_size, args.dataset)
-    g_order, g_views = torch.Generator().manual_seed(args.seed), torch.Generator(device=device).manual_seed(args.seed)
+    g_order, g_views = (torch.Generator(device=device).manual_seed(args.seed) for _ in range(2))
+    if chunk is None:
+        chunk = FEATURE_PIXELS[device.type] // args.image_size ** 2 // batch_size * batch_size
+        chunk = max(chunk, batch_size)
+    backbone.eval()
 
-    def epoch():
-        order = torch.randperm(len(labels), generator=g_order).to(device)  # (N,)
-        return DeviceBatches(images, labels, batch_size, lambda x: view(x, g_views), order)
+    @torch.no_grad()
+    def features(x, u):  # (n, 3, H, W) uint8, (n, UNIFORMS) -> (n, F) float32
+        crops = view.apply(x, view.parameters(u, *x.shape[-2:]))  # (n, 3, S, S)
+        with autocast(device):
+            return backbone(crops.contiguous(memory_format=torch.channels_last)).float()
+    if args.compile:
+        features = torch.compile(features, dynamic=False)  # two graphs: chunk, and an epoch's last
+
+    def epoch():  # no host-device sync: the head's steps queue behind the chunk's forward
+        order = torch.randperm(len(labels), generator=g_order, device=device)  # (N,)
+        u = augment.draw_uniforms(len(labels), g_views)  # (N, UNIFORMS): order[i]'s crop, row i
+        for i in range(0, len(order), chunk):
+            idx = order[i:i + chunk]  # (n,)
+            feats = features(images[idx], u[i:i + chunk])  # (n, F)
+            yield from zip(feats.split(batch_size), labels[idx].split(batch_size))
     return epoch
 
 
@@ -554,12 +580,12 @@ def run(argv=None):
             aug_batches = None
             if protocol == "linear-aug":  # backbone frozen in eval mode, features of fresh crop/flip views per batch
                 if aug_on_device:
-                    aug_epoch = device_aug_epochs(*held["train"], bs, args, device)
+                    aug_batches = device_aug_epochs(backbone, *held["train"], bs, args, device)
                 else:
                     aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device, shuffle=True,
                                              seed=args.seed)
-                    aug_epoch = lambda: aug_loader  # noqa: E731
-                aug_batches = lambda: (extract_features(backbone, [b], device) for b in aug_epoch())  # (B, F), (B,)
+                    aug_batches = lambda: (  # noqa: E731
+                        extract_features(backbone, [b], device) for b in aug_loader)  # (B, F), (B,)
 
             torch.manual_seed(args.seed)
             head = train_linear(train_feats, train_y, num_classes, args.linear_epochs, args.linear_lr, bs,

@@ -126,20 +126,61 @@ class Model(nn.Module):
         return Outputs(embeddings, outputs)
 
 
+class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1d or 2d) that in training mode, with `groups` > 1, splits the batch into that
+    many equal runs of consecutive rows and normalises each with its own statistics: in one forward,
+    what `groups` BatchNorm calls one after another do, running statistics included. EMATeacher
+    turns its copy's BatchNorm layers into these (same parameters, buffers and state_dict keys)."""
+    groups = 1
+
+    def _check_input_dim(self, x):
+        pass  # (B, C) or (B, C, H, W), as the BatchNorm1d or 2d it was
+
+    def forward(self, x):
+        if not self.training or self.groups == 1:
+            return super().forward(x)
+        G = self.groups
+        xg = x.unflatten(0, (G, -1)).float()  # (G, B / G, C, ...)
+        dims = [1, *range(3, xg.dim())]  # all but the group and the channel
+        var, mean = torch.var_mean(xg, dims, correction=0, keepdim=True)  # (G, 1, C, 1, ...) each
+        y = (xg - mean) * (var + self.eps).rsqrt()  # (G, B / G, C, ...)
+        if self.affine:
+            shape = (-1,) + (1,) * (x.dim() - 2)  # (C, 1, ...): broadcast over the spatial dims
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            # G updates r <- (1 - m) r + m s_g in turn: r (1 - m)^G + sum_g m (1 - m)^(G-1-g) s_g
+            m, n = self.momentum, xg[0, :, 0].numel()  # n: values per group and channel
+            w = m * (1 - m) ** torch.arange(G - 1, -1, -1, device=x.device).float()  # (G,)
+            self.running_mean.mul_((1 - m) ** G).add_(w @ mean.view(G, -1))
+            unbiased = var.view(G, -1) * (n / (n - 1))  # (G, C)
+            self.running_var.mul_((1 - m) ** G).add_(w @ unbiased)
+            self.num_batches_tracked.add_(G)
+        return y.flatten(0, 1).to(x.dtype)
+
+
 class EMATeacher:
     """A copy of the student whose weights follow an exponential moving average of the student's:
     teacher = m * teacher + (1 - m) * student after every step (BYOL's target network, MoCo's key
     encoder, the published CARP's teacher). No gradient reaches it; its BatchNorm layers normalise with
     the batch's statistics, as the student's do.
 
-    bn_group (MoCo v2's shuffled BN): the batch's images go through in a random order, in groups of at most
-    bn_group images (both their views), at least two groups, each normalised with its own statistics, so a
-    key is never normalised with the batch its query was (the leak MoCo shuffles BN against; its authors'
-    one-GPU CIFAR demo splits BN the same way). Under DDP each rank groups its own share."""
+    bn_group (MoCo v2's shuffled BN): the batch's images are split at random into equal groups of at
+    most bn_group images (both their views), at least two groups, each normalised with its own
+    statistics, so a key is never normalised with the batch its query was (the leak MoCo shuffles BN
+    against; its authors' one-GPU CIFAR demo splits BN the same way). The group size is the largest
+    divisor of the batch up to min(bn_group, batch // 2): 32 for a batch of 256, 1 for a prime one.
+    All groups go through in one forward (GroupBatchNorm); under DDP each rank groups its own share,
+    without SyncBatchNorm."""
 
     def __init__(self, student, bn_group=None):
         self.net = copy.deepcopy(student).requires_grad_(False)
         self.run, self.bn_group = self.net, bn_group
+        self.group_norms = []
+        if bn_group:
+            for m in self.net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.__class__ = GroupBatchNorm  # the same module, its forward the grouped one
+                    self.group_norms.append(m)
 
     def compile(self):
         self.run = torch.compile(self.net)
@@ -152,15 +193,21 @@ class EMATeacher:
     @torch.no_grad()
     def __call__(self, views, seed=0):
         """views -> (embeddings, outputs) as Model.forward; `seed` draws the bn_group order."""
-        batch = views[0].shape[0]
+        batch, V = views[0].shape[0], len(views)
         if not self.bn_group or batch < 2:
             return self.run(views)
+        size = max(d for d in range(1, min(self.bn_group, batch // 2) + 1) if batch % d == 0)
         order = torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).to(views[0].device)  # (B,)
-        groups = [self.run([v[idx] for v in views]) for idx in order.split(min(self.bn_group, batch // 2))]
-        undo = order.argsort()  # (B,): back to the batch's order
-        embeddings = [torch.cat([g.z[v] for g in groups])[undo] for v in range(len(views))]  # V of (B, D)
-        outputs = [torch.cat([g.out[v] for g in groups])[undo] for v in range(len(views))]  # V of (B, K or D)
-        return Outputs(embeddings, outputs)
+        # the rows of torch.cat(views) group by group, a group's images in every view: (G, V, size)
+        views_at = batch * torch.arange(V, device=order.device)  # (V,)
+        rows = (order.view(-1, 1, size) + views_at[:, None]).flatten()  # (V B,)
+        for m in self.group_norms:
+            m.groups = batch // size
+        (z,), (out,) = self.run([torch.cat(views)[rows]])  # (V B, D), (V B, K or D)
+        for m in self.group_norms:
+            m.groups = 1
+        undo = rows.argsort()  # (V B,): back to torch.cat(views)'s order
+        return Outputs(list(z[undo].chunk(V)), list(out[undo].chunk(V)))
 
 
 class Queue:

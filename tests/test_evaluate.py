@@ -132,6 +132,56 @@ def test_linear_probe_separable_features():
     assert top1 >= 95 and top5 == 100
 
 
+CPU = torch.device("cpu")
+
+
+def batch_by_batch(backbone, images, labels, batch_size, seed, size):
+    """linear-aug's epochs the plain way: crop a batch, its features, the next batch (CPU)."""
+    view = augment.batch_train_view(size, "synthetic")
+    g_order, g_views = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+
+    def epoch():
+        for idx in torch.randperm(len(labels), generator=g_order).split(batch_size):
+            crops = view(images[idx], g_views)  # (B, 3, size, size)
+            yield evaluate.extract_features(backbone, [(crops, labels[idx])], CPU)
+    return epoch
+
+
+def test_linear_aug_features_in_chunks_match_batch_by_batch(monkeypatch):
+    """linear-aug's crops through the frozen backbone 96 images at a time (and --compile's wrapper)
+    give, from the same seed, the batches of features that crop-then-forward batch by batch gives,
+    float rounding apart; heads trained on either give the same logits (to 1e-4) and accuracy."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (100, 3, 12, 12), dtype=torch.uint8, generator=g)  # (N, 3, H, W)
+    labels = torch.arange(100) % 4  # (N,)
+    torch.manual_seed(0)
+    backbone = models.build_backbone("resnet18", True)[0].eval()
+    args = argparse.Namespace(image_size=12, dataset="synthetic", seed=0, compile=True)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    chunked = evaluate.device_aug_epochs(backbone, images, labels, 32, args, CPU, chunk=96)
+    assert compiled == [{"dynamic": False}]
+    plain = batch_by_batch(backbone, images, labels, 32, 0, 12)
+    for _ in range(2):  # two epochs: batches of 32, 32, 32, 4 from chunks of 96 and 4
+        got, want = list(chunked()), list(plain())
+        assert [len(y) for _, y in got] == [len(y) for _, y in want] == [32, 32, 32, 4]
+        for (f, y), (f_want, y_want) in zip(got, want):
+            assert torch.equal(y, y_want)
+            torch.testing.assert_close(f, f_want, rtol=1e-4, atol=1e-4)
+    eval_feats, _ = evaluate.extract_features(  # (N, F)
+        backbone, [(augment.eval_batch(images, 12, "synthetic"), labels)], CPU)
+    heads = []
+    chunked = evaluate.device_aug_epochs(backbone, images, labels, 32, args, CPU, chunk=64)
+    for aug_batches in (chunked, batch_by_batch(backbone, images, labels, 32, 0, 12)):
+        torch.manual_seed(0)  # the head's init
+        heads.append(evaluate.train_linear(eval_feats, labels, 4, epochs=3, batch_size=32,
+                                           aug_batches=aug_batches))
+    with torch.no_grad():
+        logits = [head(eval_feats) for head in heads]  # (N, 4) each
+    torch.testing.assert_close(*logits, rtol=1e-4, atol=1e-4)
+    assert evaluate.topk_accuracy(logits[0], labels) == evaluate.topk_accuracy(logits[1], labels)
+
+
 def test_progress_is_throttled_by_time(monkeypatch, capsys):
     ticks = iter([0, 5, 25, 30, 31])  # start, then after each of 4 steps (seconds)
     monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))

@@ -263,13 +263,55 @@ def test_teacher_bn_groups_normalise_shuffled_subsets():
     by_hand = torch.empty(8, 128)
     for idx in order.split(4):
         by_hand[idx] = grouped.net([x[idx]])[0][0]
-    torch.testing.assert_close(z[0], by_hand)
+    torch.testing.assert_close(z[0], by_hand, rtol=1e-4, atol=1e-4)  # one forward: other float sums
     whole, _ = models.EMATeacher(student)([x])
     assert not torch.allclose(z[0], whole[0], atol=1e-3)  # the statistics really differ from the whole batch's
     assert torch.equal(grouped([x], seed=3)[0][0], z[0]) and not torch.equal(grouped([x], seed=4)[0][0], z[0])
     # a batch no larger than a group still goes in two groups (one would be the query batch's statistics again)
     small, _ = models.EMATeacher(student, bn_group=32)([x], seed=3)
     torch.testing.assert_close(small[0], z[0])
+
+
+def group_by_group(net, views, order, size):
+    """MoCo's shuffled BN by one forward per group: (embeddings, outputs), each a list per view."""
+    groups = [net([v[idx] for v in views]) for idx in order.split(size)]
+    undo = order.argsort()  # (B,): back to the batch's order
+    return [[torch.cat([g[part][v] for g in groups])[undo] for v in range(len(views))]
+            for part in (0, 1)]
+
+
+@pytest.mark.parametrize("batch, size", [(12, 4), (10, 2)])  # 10: the largest divisor up to 4 is 2
+def test_teacher_bn_groups_in_one_forward_match_a_forward_per_group(batch, size):
+    """The grouped teacher runs its network once for all groups, and gives what one forward per
+    group gives: embeddings, outputs and the BatchNorm running statistics (float rounding apart);
+    its state_dict keeps the student's keys, the EMA update moves it, in eval mode it is plain."""
+    torch.manual_seed(0)
+    student = model_of("carp", 7)  # BatchNorm in `out` too
+    teacher, plain = models.EMATeacher(student, bn_group=4), models.EMATeacher(student).net
+    views = [torch.randn(batch, 3, 12, 12), torch.randn(batch, 3, 12, 12)]
+    forwards = []
+    teacher.net.backbone.register_forward_hook(lambda *_: forwards.append(1))
+    for seed in (3, 4):  # two steps: the running statistics move twice
+        got = teacher(views, seed=seed)
+        order = torch.randperm(batch, generator=torch.Generator().manual_seed(seed))  # (B,)
+        want = group_by_group(plain, views, order, size)
+        for part in (0, 1):
+            for g, w in zip(got[part], want[part]):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert len(forwards) == 2  # one forward a step
+    state, expected = teacher.net.state_dict(), plain.state_dict()
+    assert list(state) == list(expected) == list(student.state_dict())  # run.pt's, backbone.pt's
+    for key in expected:  # running_mean, running_var, num_batches_tracked: as batch // size updates
+        torch.testing.assert_close(state[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    x = views[0][:3]
+    with torch.no_grad():  # eval mode: the running statistics, as a plain BatchNorm's
+        evaluated = teacher.net.eval()([x])[0][0], plain.eval()([x])[0][0]  # (3, D) each
+    torch.testing.assert_close(*evaluated, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.update(student, 0.0)
+    assert all(torch.equal(t, p) for t, p in zip(teacher.net.parameters(), student.parameters()))
 
 
 def test_queue_keeps_the_last_rows():
