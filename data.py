@@ -24,7 +24,8 @@ import augment
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
 SYNTHETIC_PX = 20  # side of the built-in images: the quickstart's image size (RESULTS.md)
-IMAGE_SIZE = {"synthetic": SYNTHETIC_PX, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224}
+IMAGE_SIZE = {"synthetic": SYNTHETIC_PX, "cifar10": 32, "cifar100": 32, "stl10": 96,
+              "imagefolder": 224}
 SPLITS = ("pretrain", "train", "test")
 
 
@@ -39,14 +40,16 @@ class Synthetic(torch.utils.data.Dataset):
     colour survives both views, so training matched images by colour and kNN on shape stayed
     near chance (RESULTS.md)."""
 
-    classes = ["disk", "square", "triangle", "plus", "ring", "diamond", "x", "bar", "stripes", "checker"]
+    classes = ["disk", "square", "triangle", "plus", "ring", "diamond", "x", "bar", "stripes",
+               "checker"]
 
     def __init__(self, split, transform=None, size=2000, seed=0, px=SYNTHETIC_PX):
         rng = np.random.default_rng([seed, {"pretrain": 0, "train": 0, "test": 1}[split]])
         if split == "test":
             size = size // 4
         self.targets = [i % 10 for i in range(size)]
-        self.images = np.stack([self._draw(c, rng, px) for c in self.targets])  # (N, px, px, 3) uint8
+        self.images = np.stack([self._draw(c, rng, px)
+                                for c in self.targets])  # (N, px, px, 3) uint8
         self.transform = transform
 
     @staticmethod
@@ -85,18 +88,21 @@ def _fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-# What torchvision reads under --data-dir (every split checks every file, against the md5 of the published file).
+# What torchvision reads under --data-dir (every split checks every file, against the md5 of the
+# published file).
 LAYOUT = {
     "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} (the python version)",
     "cifar100": "cifar-100-python/{train,test,meta} (the python version)",
-    "stl10": "stl10_binary/{train_X.bin,train_y.bin,test_X.bin,test_y.bin,unlabeled_X.bin} (the binary version)",
+    "stl10": "stl10_binary/{train_X.bin,train_y.bin,test_X.bin,test_y.bin,unlabeled_X.bin} "
+             "(the binary version)",
 }
 
 
 def _bad_file(cls, root):
-    """(path, what is wrong) for the first file of torchvision's `cls` that is missing, else the first
-    whose md5 is not the published one's; None when all are right."""
-    files = cls.train_list + cls.test_list + ([[cls.meta["filename"], cls.meta["md5"]]] if hasattr(cls, "meta") else [])
+    """(path, what is wrong) for the first file of torchvision's `cls` that is missing, else the
+    first whose md5 is not the published one's; None when all are right."""
+    files = cls.train_list + cls.test_list + ([[cls.meta["filename"], cls.meta["md5"]]]
+                                              if hasattr(cls, "meta") else [])
     paths = [(os.path.join(root, cls.base_folder, name), md5) for name, md5 in files]
     for path, _ in paths:  # every missing file is found before any is hashed (STL-10 holds 3 GB)
         if not os.path.isfile(path):
@@ -114,13 +120,14 @@ def _torchvision(cls, name, data_dir, download, **kw):
         return cls(root=data_dir, download=download, **kw)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted", naming no file
         if not os.path.isdir(os.path.join(root, cls.base_folder)):
-            _fail(f"{cls.__name__} not found: {expected}; pass --download to fetch it there, or --data-dir "
-                  f"where it lies")
+            _fail(f"{cls.__name__} not found: {expected}; pass --download to fetch it there, "
+                  "or --data-dir where it lies")
         bad = _bad_file(cls, root)
         what = f"{bad[0]} {bad[1]}" if bad else str(e)
         _fail(f"{cls.__name__}: {what}; {expected}; pass --download to fetch it again")
     except OSError as e:  # an unreadable file (the message names it), or a failed download
-        _fail(f"{cls.__name__} under {root}: {'could not download or read it' if download else 'cannot read it'} "
+        _fail(f"{cls.__name__} under {root}: "
+              f"{'could not download or read it' if download else 'cannot read it'} "
               f"({type(e).__name__}: {e}); {expected}")
 
 
@@ -144,7 +151,8 @@ def load_rgb(path):
 
 def _image_folder(root, transform):
     if not os.path.isdir(root):
-        _fail(f"no folder {os.path.abspath(root)}; --data-dir must hold train/<class>/* and val/ or test/")
+        _fail(f"no folder {os.path.abspath(root)}; --data-dir must hold train/<class>/* "
+              "and val/ or test/")
     try:
         return torchvision.datasets.ImageFolder(root, transform=transform, loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
@@ -160,14 +168,16 @@ def build_dataset(name, split, transform=None, data_dir="data", download=False):
         return Synthetic(split, transform)
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        return _torchvision(cls, name, data_dir, download, train=split != "test", transform=transform)
+        return _torchvision(cls, name, data_dir, download, train=split != "test",
+                            transform=transform)
     if name == "stl10":
         stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
         return _torchvision(torchvision.datasets.STL10, name, data_dir, download, split=stl_split,
                             transform=transform)
     if download:
         _fail("--download does not apply to --dataset imagefolder")
-    sub = "train" if split != "test" else ("val" if os.path.isdir(os.path.join(data_dir, "val")) else "test")
+    sub = "train" if split != "test" else ("val" if os.path.isdir(os.path.join(data_dir, "val"))
+                                           else "test")
     return _image_folder(os.path.join(data_dir, sub), transform)
 
 
@@ -218,7 +228,8 @@ def balanced_subset(labels, per_class, seed=0):
 
 # ---------------------------------------------------------------- a whole split as one uint8 tensor
 
-def load_images(name, split, data_dir="data", download=False, size=32, max_bytes=None, subset=None, flag=None):
+def load_images(name, split, data_dir="data", download=False, size=32, max_bytes=None, subset=None,
+                flag=None):
     """Decode a split once: (images (N, 3, H, W) uint8, labels (N,) int64, -1 for unlabeled).
 
     Images keep their own size when they all share one; otherwise (an ImageFolder tree of mixed
@@ -238,13 +249,14 @@ def load_images(name, split, data_dir="data", download=False, size=32, max_bytes
     else:
         return _decode_folder(ds, keep, size, max_bytes), labels[keep]
     if max_bytes is not None and images[0].numel() * len(keep) > max_bytes:
-        _fail(f"{name} {split} needs {images[0].numel() * len(keep) / 2**30:.1f} GiB held whole; use --loader workers")
+        _fail(f"{name} {split} needs {images[0].numel() * len(keep) / 2**30:.1f} GiB held whole; "
+              "use --loader workers")
     return images[keep].contiguous(), labels[keep]
 
 
 def default_loader(dataset, image_size):
-    """--loader's default: device (the split decoded once into memory, views made in batches), except
-    for ImageFolder trees of large images (ImageNet), which do not fit."""
+    """--loader's default: device (the split decoded once into memory, views made in batches),
+    except for ImageFolder trees of large images (ImageNet), which do not fit."""
     return "workers" if dataset == "imagefolder" and image_size > 96 else "device"
 
 
@@ -270,10 +282,10 @@ def _cache_folder(cache):
 
 
 def _cache_path(root, tag):
-    """Where a decoded ImageFolder split is cached: $XDG_CACHE_HOME/carl-carp (default ~/.cache/carl-carp),
-    named after the split's absolute path (datasets often lie in read-only or shared folders) and
-    its hash (two paths may read alike once their slashes are replaced); None without a cache
-    folder."""
+    """Where a decoded ImageFolder split is cached: $XDG_CACHE_HOME/carl-carp (default
+    ~/.cache/carl-carp), named after the split's absolute path (datasets often lie in read-only or
+    shared folders) and its hash (two paths may read alike once their slashes are replaced); None
+    without a cache folder."""
     home = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
     cache = _cache_folder(os.path.join(home, "carl-carp"))
     if cache is None:
@@ -285,7 +297,8 @@ def _cache_path(root, tag):
 
 
 def _decode_folder(ds, keep, size, max_bytes):
-    """Images keep[i] of an ImageFolder dataset as (len(keep), 3, H, W) uint8, from the cache when valid."""
+    """Images keep[i] of an ImageFolder dataset as (len(keep), 3, H, W) uint8, from the cache when
+    valid."""
     samples = [ds.samples[i][0] for i in keep.tolist()]
     # The cache is valid while every file keeps its path, size and modification time, and the images
     # are held as they were (stored_square's squares depend on `size`).
@@ -297,7 +310,8 @@ def _decode_folder(ds, keep, size, max_bytes):
     files = "".join(f"{os.path.abspath(p)},{s.st_size},{s.st_mtime_ns};"
                     for p, s in zip(samples, stats))
     key = hashlib.sha1((held + files).encode()).hexdigest()
-    path = _cache_path(ds.root, f"{size}px" + (f"-{len(keep)}of{len(ds)}" if len(keep) < len(ds) else ""))
+    path = _cache_path(ds.root, f"{size}px" + (f"-{len(keep)}of{len(ds)}"
+                                               if len(keep) < len(ds) else ""))
     if path is not None and os.path.exists(path):
         try:
             cached = torch.load(path, weights_only=True)
@@ -313,7 +327,8 @@ def _decode_folder(ds, keep, size, max_bytes):
         except Exception as e:
             raise BadImageError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
 
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes outside the GIL
+    # PIL decodes outside the GIL
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
         def run(fn, items, what):
             t0, shown = time.time(), time.time()
             try:
@@ -321,7 +336,8 @@ def _decode_folder(ds, keep, size, max_bytes):
                     yield result
                     if time.time() - shown > 10:
                         eta = (time.time() - t0) / done * (len(items) - done)
-                        print(f"{what} {ds.root}: {done}/{len(items)} images, eta {eta:.0f} s", flush=True)
+                        print(f"{what} {ds.root}: {done}/{len(items)} images, eta {eta:.0f} s",
+                              flush=True)
                         shown = time.time()
             except BadImageError as e:
                 pool.shutdown(cancel_futures=True)  # fail now, not after every queued image
@@ -331,13 +347,14 @@ def _decode_folder(ds, keep, size, max_bytes):
         mixed = len(sizes) > 1  # then each image is held as augment.stored_square makes it
         w, h = (augment.eval_resize(size),) * 2 if mixed else sizes.pop()
         if max_bytes is not None and len(samples) * 3 * h * w > max_bytes:
-            _fail(f"{ds.root}: {len(samples)} images of {w}x{h} need {len(samples) * 3 * h * w / 2**30:.1f} GiB held "
-                  f"whole; use --loader workers")
+            _fail(f"{ds.root}: {len(samples)} images of {w}x{h} need "
+                  f"{len(samples) * 3 * h * w / 2**30:.1f} GiB held whole; use --loader workers")
         fit = augment.stored_square(size) if mixed else (lambda img: img)
         images = torch.empty(len(samples), 3, h, w, dtype=torch.uint8)  # (n, 3, H, W)
 
         def decode(i):
-            images[i] = torch.from_numpy(np.array(fit(load_rgb(samples[i])))).permute(2, 0, 1)  # (3, H, W)
+            # (3, H, W)
+            images[i] = torch.from_numpy(np.array(fit(load_rgb(samples[i])))).permute(2, 0, 1)
 
         for _ in run(decode, range(len(samples)), "decoding"):
             pass
@@ -347,7 +364,7 @@ def _decode_folder(ds, keep, size, max_bytes):
     try:
         torch.save({"fingerprint": key, "images": images}, tmp)
         os.replace(tmp, path)
-    except Exception as e:  # a cache is a convenience (a full disk raises RuntimeError): go on without it
+    except Exception as e:  # a cache is a convenience (full disk: RuntimeError): go on without it
         if os.path.exists(tmp):
             os.remove(tmp)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -355,7 +372,7 @@ def _decode_folder(ds, keep, size, max_bytes):
     return images
 
 
-# ---------------------------------------------------------------- the order training visits the data
+# --------------------------------------------------------------- the order training visits the data
 
 def seed_of(*keys):
     """A 64-bit seed from integers, e.g. (seed, epoch, index): independent streams per key."""
@@ -366,10 +383,12 @@ class Batches:
     """This rank's samples for every step from `start` to `stop` (global step numbers), as lists of
     (epoch, index). Each epoch is a permutation drawn from (seed, epoch) cut into steps of the
     global batch, each step's batch split across ranks (drop_last, as DistributedSampler). It
-    depends on nothing else, so a run resumed at any step sees the same samples in the same order."""
+    depends on nothing else, so a run resumed at any step sees the same samples in the same
+    order."""
 
     def __init__(self, num_samples, batch_size, world, rank, seed, start, stop):
-        self.n, self.batch, self.world, self.rank, self.seed = num_samples, batch_size, world, rank, seed
+        self.n, self.batch = num_samples, batch_size
+        self.world, self.rank, self.seed = world, rank, seed
         self.steps_per_epoch = num_samples // batch_size
         self.start, self.stop = start, stop
 
@@ -378,8 +397,10 @@ class Batches:
 
     def epoch_order(self, epoch):
         g = torch.Generator().manual_seed(seed_of(self.seed, epoch))
-        perm = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch]  # (steps * batch,)
-        return perm.view(self.steps_per_epoch, self.world, -1)[:, self.rank]  # (steps, batch / world)
+        # (steps * batch,)
+        perm = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch]
+        # (steps, batch / world)
+        return perm.view(self.steps_per_epoch, self.world, -1)[:, self.rank]
 
     def __iter__(self):
         order, order_epoch = None, None
@@ -403,5 +424,6 @@ class SeededViews(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, i = key
         img, _ = self.dataset[i]
-        torch.manual_seed(seed_of(self.seed, epoch, i))  # torchvision's transforms draw from torch's global RNG
+        # torchvision's transforms draw from torch's global RNG
+        torch.manual_seed(seed_of(self.seed, epoch, i))
         return self.views(img)

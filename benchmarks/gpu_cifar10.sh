@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10                    # CARL
 #   METHOD=carp MINUTES=8 bash benchmarks/gpu_cifar10.sh ../shared/data/cifar10
 #
-# METHOD: carl, carp, simclr, byol, swav, mocov2, or carp-neurips23 / carl-neurips23 (the published recipe).
+# METHOD: carl, carp, simclr, byol, swav, mocov2, or carp-neurips23 / carl-neurips23
+# (the published recipe).
 # EVAL_FLAGS go to evaluate.py (a CPU smoke run: EVAL_FLAGS="--train-subset 500 --test-subset 200
 # --linear-epochs 1" with train.py flags "--epochs 1 --train-subset 512").
 #
@@ -31,12 +32,14 @@ case $METHOD in  # an ImageFolder tree would otherwise take the ImageNet K (3000
     carp|simclr|byol|mocov2) FLAGS=(--method "$METHOD") ;;
     carl-neurips23) FLAGS=(--method carl --num-prototypes 100 --recipe neurips23) ;;
     carp-neurips23) FLAGS=(--method carp --recipe neurips23) ;;
-    *) echo "METHOD must be carl, carp, simclr, byol, swav, mocov2, carl-neurips23 or carp-neurips23" >&2; exit 2 ;;
+    *) echo "METHOD must be carl, carp, simclr, byol, swav, mocov2, carl-neurips23 or" \
+            "carp-neurips23" >&2; exit 2 ;;
 esac
 
 status=0
 timeout --preserve-status --signal=TERM --kill-after=120 "${MINUTES}m" \
-    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 10 --ckpt-every-epochs 10 --ckpt-every-min 3 \
+    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 10 \
+    --ckpt-every-epochs 10 --ckpt-every-min 3 \
     --out-dir "$RUN" "$@" \
     || status=$?
 if [ "$status" -eq 143 ]; then

@@ -19,8 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import augment  # noqa: E402
 
-NO_KERNEL = {"view", "unsqueeze", "squeeze", "split", "split_with_sizes", "unbind", "expand", "slice", "select",
-             "alias", "t", "permute", "_unsafe_view", "transpose", "as_strided", "detach"}  # views of a tensor
+NO_KERNEL = {"view", "unsqueeze", "squeeze", "split", "split_with_sizes", "unbind", "expand",
+             "slice", "select", "alias", "t", "permute", "_unsafe_view", "transpose", "as_strided",
+             "detach"}  # views of a tensor
 
 
 class CountKernelOps(TorchDispatchMode):
@@ -36,18 +37,22 @@ class CountKernelOps(TorchDispatchMode):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--calls", type=int, default=20, help="timed calls per measurement")
-    p.add_argument("--no-compile", action="store_true", help="eager only (torch.compile takes ~30 s per pipeline)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="eager only (torch.compile takes ~30 s per pipeline)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}; batch {args.batch_size}, {args.image_size} px, {args.calls} timed calls", flush=True)
-    x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(0)).to(device)
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads")
+    print(f"{name}; batch {args.batch_size}, {args.image_size} px, {args.calls} timed calls",
+          flush=True)
+    x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size),
+                      dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
     for kind in ("carl", "carp"):
         for compiled in [False] + [True] * (not args.no_compile):
             views = augment.batch_pretrain_views(kind, args.image_size, "cifar10")
@@ -59,7 +64,8 @@ def main():
                 sync()
                 ops = f", compiled in {time.perf_counter() - t0:.0f} s"
                 u = augment.draw_uniforms(len(x), g, views=2)  # (2, B, UNIFORMS)
-                diff = max((a - b).abs().max().item() for a, b in zip(views.make_views(x, u), views.make(x, u)))
+                diff = max((a - b).abs().max().item()
+                           for a, b in zip(views.make_views(x, u), views.make(x, u)))
                 ops += f", differs from eager by {diff:.1e} at most"
             else:
                 with CountKernelOps() as counter:
@@ -73,8 +79,8 @@ def main():
                 views(x, g)
             sync()
             ms = (time.perf_counter() - t0) / args.calls * 1e3
-            print(f"{kind} {'compiled' if compiled else 'eager':8s}: {ms:7.2f} ms per batch (both views), "
-                  f"{2 * args.batch_size / ms * 1e3:9.0f} views/s{ops}", flush=True)
+            print(f"{kind} {'compiled' if compiled else 'eager':8s}: {ms:7.2f} ms per batch "
+                  f"(both views), {2 * args.batch_size / ms * 1e3:9.0f} views/s{ops}", flush=True)
 
 
 if __name__ == "__main__":

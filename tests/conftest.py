@@ -1,5 +1,6 @@
-"""Shared test set-up. Tests marked `slow` (whole torchrun jobs and real subprocesses, each 10-20 s) run by
-default, as in CI; `python -m pytest -q tests -m "not slow"` leaves them out for a quick loop."""
+"""Shared test set-up. Tests marked `slow` (whole torchrun jobs and real subprocesses, each 10-20 s)
+run by default, as in CI; `python -m pytest -q tests -m "not slow"` leaves them out for a quick
+loop."""
 import os
 import sys
 
@@ -22,7 +23,8 @@ def one_thread():
 
 @pytest.fixture(scope="session", autouse=True)
 def own_cache_dir(tmp_path_factory):
-    """data.load_images caches decoded ImageFolder trees under $XDG_CACHE_HOME: not the user's here."""
+    """data.load_images caches decoded ImageFolder trees under $XDG_CACHE_HOME: not the user's
+    here."""
     old = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
     yield
@@ -33,4 +35,5 @@ def own_cache_dir(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts whole torchrun jobs or train.py processes (10-20 s each)")
+    config.addinivalue_line("markers",
+                            "slow: starts whole torchrun jobs or train.py processes (10-20 s each)")

@@ -36,7 +36,8 @@ def test_carp_views_are_asymmetric():
     (blur_1, _), = find(views.views[0], T.GaussianBlur)
     (blur_2, _), = find(views.views[1], T.GaussianBlur)
     assert (blur_1.p, blur_2.p) == (1.0, 0.1)
-    assert [t.p for t in views.views[0].transforms if isinstance(t, T.RandomSolarize)] == []  # p = 0: left out
+    # p = 0: left out
+    assert [t.p for t in views.views[0].transforms if isinstance(t, T.RandomSolarize)] == []
     assert [t.p for t in views.views[1].transforms if isinstance(t, T.RandomSolarize)] == [0.2]
 
 
@@ -96,8 +97,9 @@ def test_colour_ops_match_torchvision(img, name, factors):
 
 def test_color_jitter_follows_each_samples_order(img):
     order = torch.stack([torch.tensor(p) for p in itertools.permutations(range(4))][::4])  # (6, 4)
-    b, c, s = torch.tensor([0.6, 1.4, 0.9, 1.2, 0.5, 1.8]), torch.tensor([1.3, 0.5, 1.7, 0.8, 1.1, 0.2]), \
-        torch.tensor([0.2, 1.6, 0.7, 1.9, 1.0, 0.4])
+    b, c, s = (torch.tensor([0.6, 1.4, 0.9, 1.2, 0.5, 1.8]),
+               torch.tensor([1.3, 0.5, 1.7, 0.8, 1.1, 0.2]),
+               torch.tensor([0.2, 1.6, 0.7, 1.9, 1.0, 0.4]))
     hue = torch.tensor([0.1, -0.1, 0.2, -0.3, 0.05, 0.4])
     apply = torch.tensor([1, 1, 1, 1, 1, 0]).bool()
     out = augment.color_jitter(img, b, c, s, hue, order, apply)
@@ -108,11 +110,13 @@ def test_color_jitter_follows_each_samples_order(img):
             ref = ops[op](ref, [b, c, s, hue][op][i].item())
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
     assert torch.equal(out[5], img[5])  # jitter not applied: untouched, bit for bit
-    assert not torch.allclose(out[0], augment.color_jitter(img, b, c, s, hue, order[[1, 0, 2, 3, 4, 5]])[0])
+    assert not torch.allclose(out[0],
+                              augment.color_jitter(img, b, c, s, hue, order[[1, 0, 2, 3, 4, 5]])[0])
 
 
 def test_grayscale_solarize_normalize_match_torchvision(img):
-    torch.testing.assert_close(augment.grayscale(img), TF.rgb_to_grayscale(img, num_output_channels=3))
+    torch.testing.assert_close(augment.grayscale(img),
+                               TF.rgb_to_grayscale(img, num_output_channels=3))
     out = augment.solarize(img)
     torch.testing.assert_close(out, TF.solarize(img, 128 / 255))
     assert (out != img).any() and (out == img).any()
@@ -129,48 +133,55 @@ def test_blur_matches_torchvision_per_sample_sigma(img, kernel):
     assert (out[4] - img[4]).abs().max() > 0.05  # the blur does something
 
 
-@pytest.mark.parametrize("shape,size", [((32, 32), 32), ((40, 48), 32), ((96, 96), 96), ((120, 100), 96),
-                                        ((32, 32), 64), ((32, 39), 32)])  # the last: crop only, 3.5 px off centre
+@pytest.mark.parametrize("shape,size", [((32, 32), 32), ((40, 48), 32), ((96, 96), 96),
+                                        ((120, 100), 96), ((32, 32), 64),
+                                        ((32, 39), 32)])  # the last: crop only, 3.5 px off centre
 def test_eval_batch_matches_eval_view(shape, size):
     x = torch.randint(0, 256, (3, 3, *shape), dtype=torch.uint8, generator=gen(1))
     out = augment.eval_batch(x, size, "cifar10")
     assert out.shape == (3, 3, size, size) and out.dtype == torch.float32
-    pil = torch.stack([augment.eval_view(size, "cifar10")(Image.fromarray(x[i].permute(1, 2, 0).numpy()))
-                       for i in range(3)])
-    # PIL rounds its resized image to uint8: at most half a level apart, 1/255 / std after normalising
+    pil = torch.stack([
+        augment.eval_view(size, "cifar10")(Image.fromarray(x[i].permute(1, 2, 0).numpy()))
+        for i in range(3)])
+    # PIL rounds its resized image to uint8: at most half a level apart, 1/255 / std after
+    # normalising
     assert (out - pil).abs().max() < 1.01 / 255 / min(augment.MEAN_STD["cifar10"][1])
     if size <= 64 and shape == (size, size):  # nothing to resize: the same numbers
         torch.testing.assert_close(out, pil)
-    tensor_path = T.Compose([T.Resize(augment.eval_resize(size), antialias=True), T.CenterCrop(size),
-                             T.Normalize(*augment.MEAN_STD["cifar10"])])
-    torch.testing.assert_close(out, per_sample(lambda z: tensor_path(z.float() / 255), x), atol=1e-5, rtol=0)
+    tensor_path = T.Compose([T.Resize(augment.eval_resize(size), antialias=True),
+                             T.CenterCrop(size), T.Normalize(*augment.MEAN_STD["cifar10"])])
+    torch.testing.assert_close(out, per_sample(lambda z: tensor_path(z.float() / 255), x),
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("size", [32, 80, 112])
 def test_stored_square_then_eval_batch_is_eval_view(size):
-    """A tree of mixed sizes is held as stored_square's squares; eval_batch's centre crop of those (no
-    second resize) gives exactly eval_view's pixels, for wide, tall and odd-sided images."""
+    """A tree of mixed sizes is held as stored_square's squares; eval_batch's centre crop of those
+    (no second resize) gives exactly eval_view's pixels, for wide, tall and odd-sided images."""
     rng = np.random.default_rng(0)
     for h, w in [(90, 130), (131, 97), (100, 101), (120, 120)]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        held = torch.from_numpy(np.array(augment.stored_square(size)(img))).permute(2, 0, 1)  # (3, S, S)
+        # (3, S, S)
+        held = torch.from_numpy(np.array(augment.stored_square(size)(img))).permute(2, 0, 1)
         assert held.shape == (3, augment.eval_resize(size), augment.eval_resize(size))
         torch.testing.assert_close(augment.eval_batch(held[None], size, "cifar10")[0],
                                    augment.eval_view(size, "cifar10")(img), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind,view,size", [("carl", 0, 32), ("carp", 0, 48), ("carp", 1, 48), ("train", 0, 32)])
+@pytest.mark.parametrize("kind,view,size", [("carl", 0, 32), ("carp", 0, 48), ("carp", 1, 48),
+                                            ("train", 0, 32)])
 def test_batch_view_applies_its_parameters_as_torchvision_would(kind, view, size):
-    """apply() against the same steps done one image at a time with torchvision's functional ops, with
-    each step switched on for some samples and off for others (the train view has crop and flip only)."""
+    """apply() against the same steps done one image at a time with torchvision's functional ops,
+    with each step switched on for some samples and off for others (the train view has crop and flip
+    only)."""
     n = 12
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen(2))
     bv = (augment.batch_train_view(size, "cifar10") if kind == "train"
           else augment.batch_view(kind, view, size, "cifar10"))
     p = bv.sample(n, 32, 32, gen(3))
     i = torch.arange(n)
-    p.update(flip=i % 2 == 0, jitter=i % 3 != 0, gray=i % 4 == 1, blur=i % 2 == 1, solarize=i % 3 == 1,
-             sigma=torch.full((n,), bv.sigma[1]))
+    p.update(flip=i % 2 == 0, jitter=i % 3 != 0, gray=i % 4 == 1, blur=i % 2 == 1,
+             solarize=i % 3 == 1, sigma=torch.full((n,), bv.sigma[1]))
     out = bv.apply(x, p)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for k in range(n):
@@ -198,7 +209,8 @@ N = 20_000
 
 def boxes(H, W, scale, seed):
     """(top, left, h, w) of N crops of an H x W image from augment's sampler."""
-    return augment.crop_boxes(augment.split_uniforms(augment.draw_uniforms(N, gen(seed))), H, W, scale, augment.RATIO)
+    return augment.crop_boxes(augment.split_uniforms(augment.draw_uniforms(N, gen(seed))), H, W,
+                              scale, augment.RATIO)
 
 
 @pytest.mark.parametrize("kind", ["carl", "carp"])
@@ -208,8 +220,10 @@ def test_crop_boxes_follow_torchvision(kind):
     torch.manual_seed(4)
     ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(1, H, W), scale, augment.RATIO)
                         for _ in range(N // 2)]).T  # (4, N / 2): top, left, h, w
-    assert (h >= 1).all() and (h <= H).all() and (w <= W).all() and (top + h <= H).all() and (left + w <= W).all()
-    for ours, theirs, tol in [((h * w).float() / (H * W), (ref[2] * ref[3]).float() / (H * W), 0.012),  # area
+    assert ((h >= 1).all() and (h <= H).all() and (w <= W).all() and (top + h <= H).all()
+            and (left + w <= W).all())
+    for ours, theirs, tol in [((h * w).float() / (H * W),
+                               (ref[2] * ref[3]).float() / (H * W), 0.012),  # area
                               ((w / h).log(), (ref[3] / ref[2]).log(), 0.01),  # log aspect ratio
                               (top.float() / H, ref[0].float() / H, 0.01)]:
         assert ours.mean() == pytest.approx(theirs.mean().item(), abs=tol)
@@ -222,7 +236,8 @@ def test_crop_fallback_rate_follows_torchvision():
     H, W = 30, 200
     top, left, h, w = boxes(H, W, (0.08, 1.0), 5)
     torch.manual_seed(5)
-    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(1, H, W), (0.08, 1.0), augment.RATIO)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(1, H, W), (0.08, 1.0),
+                                                       augment.RATIO)
                         for _ in range(5000)])
     fallback = (top == 0) & (left == 80) & (h == 30) & (w == 40)
     ref_fallback = (ref == torch.tensor([0, 80, 30, 40])).all(1)
@@ -240,7 +255,8 @@ def test_jitter_factors_follow_colorjitter(kind):
     ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
     for i, (name, (low, high)) in enumerate(zip(augment.JITTER_OPS, ranges)):
         ours, theirs = p[name], torch.tensor([r[i + 1] for r in ref])
-        assert low <= ours.min() < low + 0.01 * (high - low) and high - 0.01 * (high - low) < ours.max() <= high
+        assert (low <= ours.min() < low + 0.01 * (high - low)
+                and high - 0.01 * (high - low) < ours.max() <= high)
         assert ours.mean() == pytest.approx(theirs.mean().item(), abs=0.02 * (high - low))
         assert ours.std() == pytest.approx(theirs.std().item(), abs=0.02 * (high - low))
 
@@ -282,17 +298,20 @@ def test_batch_and_pil_views_share_their_settings():
             crop, = [t for t in view.transforms if isinstance(t, T.RandomResizedCrop)]
             (_, jitter), = find(view, T.ColorJitter)
             assert tuple(crop.scale) == bv.scale and tuple(crop.ratio) == augment.RATIO
-            assert (jitter.brightness[1] - 1, jitter.hue[1]) == pytest.approx((bv.jitter[0], bv.jitter[3]))
+            assert ((jitter.brightness[1] - 1, jitter.hue[1])
+                    == pytest.approx((bv.jitter[0], bv.jitter[3])))
     crop, flip = augment.train_view(32, "cifar10").transforms[:2]
     bv = augment.batch_train_view(32, "cifar10")
-    assert (tuple(crop.scale), tuple(crop.ratio), flip.p) == (bv.scale, augment.RATIO, augment.FLIP_P)
+    assert ((tuple(crop.scale), tuple(crop.ratio), flip.p)
+            == (bv.scale, augment.RATIO, augment.FLIP_P))
     assert bv.jitter_p == bv.gray_p == bv.blur_p == bv.solarize_p == 0
 
 
 # -- the two views of a batch
 
 @pytest.mark.parametrize("kind", ["carl", "carp"])
-@pytest.mark.parametrize("shape,size", [((32, 32), 32), ((96, 96), 96), ((32, 32), 64), ((40, 56), 32)])
+@pytest.mark.parametrize("shape,size", [((32, 32), 32), ((96, 96), 96), ((32, 32), 64),
+                                        ((40, 56), 32)])
 def test_batch_views_shape_and_determinism(kind, shape, size):
     x = torch.randint(0, 256, (4, 3, *shape), dtype=torch.uint8, generator=gen(9))
     views = augment.batch_pretrain_views(kind, size, "cifar10")
@@ -313,8 +332,10 @@ def test_carp_batch_views_are_asymmetric_and_carl_symmetric():
     assert 0.05 < p2["blur"].float().mean() < 0.15 and 0.15 < p2["solarize"].float().mean() < 0.25
     # view 2's solarize shows in its output: the same parameters with solarize off give other images
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen(13))
-    p = {**carp.views[1].sample(16, 32, 32, gen(14)), "jitter": torch.zeros(16, dtype=bool)}  # no dark images
-    changed = (carp.views[1].apply(x, p) != carp.views[1].apply(x, {**p, "solarize": torch.zeros(16, dtype=bool)}))
+    # no dark images
+    p = {**carp.views[1].sample(16, 32, 32, gen(14)), "jitter": torch.zeros(16, dtype=bool)}
+    changed = (carp.views[1].apply(x, p)
+               != carp.views[1].apply(x, {**p, "solarize": torch.zeros(16, dtype=bool)}))
     assert torch.equal(changed.flatten(1).any(1), p["solarize"]) and p["solarize"].any()
     carl = augment.batch_pretrain_views("carl", 32, "cifar10")
     assert vars(carl.views[0]) == vars(carl.views[1])  # the same settings
@@ -330,7 +351,8 @@ def test_batch_views_do_not_read_tensor_values_on_the_host(monkeypatch):
     getitem = torch.Tensor.__getitem__
 
     def no_mask(self, index):
-        if any(isinstance(i, torch.Tensor) for i in (index if isinstance(index, tuple) else (index,))):
+        if any(isinstance(i, torch.Tensor)
+               for i in (index if isinstance(index, tuple) else (index,))):
             refuse()
         return getitem(self, index)
     x = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8, generator=gen(17))
@@ -345,8 +367,8 @@ def test_batch_views_do_not_read_tensor_values_on_the_host(monkeypatch):
 
 
 def test_views_are_one_draw_then_a_pure_function():
-    """A call draws each view's uniforms once (the generator moves by that one draw) and make() does the
-    rest from them alone: the same uniforms give the same views."""
+    """A call draws each view's uniforms once (the generator moves by that one draw) and make() does
+    the rest from them alone: the same uniforms give the same views."""
     x = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8, generator=gen(19))
     views = augment.batch_pretrain_views("carp", 24, "cifar10")
     g, g_call = gen(20), gen(20)
@@ -361,8 +383,9 @@ def test_views_are_one_draw_then_a_pure_function():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_views_match_eager():
-    """--compile's views (torch.compile of make(), inductor on the CPU here, Triton on a GPU) against
-    the eager ones: the same views up to float rounding, CARP's pipeline having every step."""
+    """--compile's views (torch.compile of make(), inductor on the CPU here, Triton on a GPU)
+    against the eager ones: the same views up to float rounding, CARP's pipeline having every
+    step."""
     x = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8, generator=gen(21))
     eager = augment.batch_pretrain_views("carp", 16, "cifar10")
     compiled = augment.batch_pretrain_views("carp", 16, "cifar10").compile()
@@ -374,13 +397,15 @@ def test_compiled_views_match_eager():
 # -- multi-crop
 
 def test_multicrop_settings_and_shapes_in_both_implementations():
-    """2 global crops (view 1 / view 2 settings) + 3 local ones (view 1's with their own scale, blur 0.5, no
-    solarisation), the same in the PIL and batched pipelines; each batched view one draw, all from one image."""
+    """2 global crops (view 1 / view 2 settings) + 3 local ones (view 1's with their own scale,
+    blur 0.5, no solarisation), the same in the PIL and batched pipelines; each batched view one
+    draw, all from one image."""
     settings = augment.view_settings("neurips23", 2, 3, (0.05, 0.2))
     assert [s["scale"] for s in settings] == [(0.2, 1.0)] * 2 + [(0.05, 0.2)] * 3
     assert [s["blur_p"] for s in settings] == [1.0, 0.1, 0.5, 0.5, 0.5]
     assert [s["solarize_p"] for s in settings] == [0.0, 0.2, 0.0, 0.0, 0.0]
-    assert augment.view_settings("carl", 3)[2] == augment.view_settings("carl")[0]  # a third global crop: view 1's
+    # a third global crop: view 1's
+    assert augment.view_settings("carl", 3)[2] == augment.view_settings("carl")[0]
     pil = augment.pretrain_views("neurips23", 32, "cifar10", 2, 3, 16, (0.05, 0.2))
     views = pil(Image.new("RGB", (32, 32), (120, 60, 200)))
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
@@ -389,7 +414,8 @@ def test_multicrop_settings_and_shapes_in_both_implementations():
         assert tuple(crop.scale) == s["scale"] and find(view, T.GaussianBlur)[0][0].p == s["blur_p"]
     batched = augment.batch_pretrain_views("neurips23", 32, "cifar10", 2, 3, 16, (0.05, 0.2))
     assert [(v.size, v.scale, v.blur_p, v.solarize_p) for v in batched.views] == \
-        [(s, x["scale"], x["blur_p"], x["solarize_p"]) for s, x in zip([32, 32, 16, 16, 16], settings)]
+        [(s, x["scale"], x["blur_p"], x["solarize_p"])
+         for s, x in zip([32, 32, 16, 16, 16], settings)]
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=gen(30))
     out = batched(x, gen(31))
     assert [tuple(v.shape) for v in out] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3

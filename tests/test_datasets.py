@@ -24,13 +24,15 @@ import evaluate
 import train
 from test_evaluate import class_tree
 
-CIFAR10, CIFAR100, STL10 = torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR100, torchvision.datasets.STL10
+CIFAR10, CIFAR100, STL10 = (torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR100,
+                            torchvision.datasets.STL10)
 TV = {"cifar10": CIFAR10, "cifar100": CIFAR100, "stl10": STL10}
 NAMES = tuple(TV)
-# images per class (train, test), unlabeled images (STL-10), px, --batch-size: 3 steps an epoch, 2 on STL-10
+# images per class (train, test), unlabeled images (STL-10), px, --batch-size: 3 steps an epoch,
+# 2 on STL-10
 SIZES = {"cifar10": (10, 2, 0, 32, 32), "cifar100": (1, 1, 0, 32, 32), "stl10": (2, 1, 12, 96, 16)}
-RUN = ["--epochs", "1", "--image-size", "16", "--workers", "0", "--log-every", "1", "--knn-every", "1",
-       "--no-compile"]  # a GPU, if there is one, would compile for a minute
+RUN = ["--epochs", "1", "--image-size", "16", "--workers", "0", "--log-every", "1",
+       "--knn-every", "1", "--no-compile"]  # a GPU, if there is one, would compile for a minute
 
 
 def images(rng, labels, px, num_classes):
@@ -57,18 +59,24 @@ def write_cifar(root, name):
     rng = np.random.default_rng(0)
     train_labels = np.tile(np.arange(num_classes), train_per_class)
     test_labels = np.tile(np.arange(num_classes), test_per_class)
-    train_x, test_x = images(rng, train_labels, px, num_classes), images(rng, test_labels, px, num_classes)
+    train_x, test_x = (images(rng, train_labels, px, num_classes),
+                       images(rng, test_labels, px, num_classes))
     if name == "cifar10":
-        for i, (x, y) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_labels, 5)), 1):
-            dump(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": y.tolist(),
-                                              "data": x.reshape(len(x), -1), "filenames": [f"{j}.png" for j in y]})
-        dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": test_labels.tolist(),
-                                     "data": test_x.reshape(len(test_x), -1), "filenames": ["t.png"] * len(test_x)})
+        for i, (x, y) in enumerate(zip(np.array_split(train_x, 5),
+                                       np.array_split(train_labels, 5)), 1):
+            dump(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5",
+                                              "labels": y.tolist(), "data": x.reshape(len(x), -1),
+                                              "filenames": [f"{j}.png" for j in y]})
+        dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1",
+                                     "labels": test_labels.tolist(),
+                                     "data": test_x.reshape(len(test_x), -1),
+                                     "filenames": ["t.png"] * len(test_x)})
         dump(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)],
                                        "num_cases_per_batch": len(train_x) // 5, "num_vis": 3072})
     else:
         for split, x, y in (("train", train_x, train_labels), ("test", test_x, test_labels)):
-            dump(folder / split, {"filenames": [f"{j}.png" for j in y], "batch_label": f"{split} batch",
+            dump(folder / split, {"filenames": [f"{j}.png" for j in y],
+                                  "batch_label": f"{split} batch",
                                   "fine_labels": y.tolist(), "coarse_labels": (y // 5).tolist(),
                                   "data": x.reshape(len(x), -1)})
         dump(folder / "meta", {"fine_label_names": [f"fine{c}" for c in range(100)],
@@ -89,17 +97,21 @@ def write_stl10(root):
     splits = {}
     for split, labels in (("train", np.tile(np.arange(10), train_per_class)),
                           ("test", np.tile(np.arange(10), test_per_class)),
-                          ("unlabeled", rng.integers(0, 10, unlabeled))):  # their classes give them colours
+                          # their classes give them colours
+                          ("unlabeled", rng.integers(0, 10, unlabeled))):
         x = images(rng, labels, px, 10)
-        (folder / f"{split}_X.bin").write_bytes(x.transpose(0, 1, 3, 2).tobytes())  # column-major planes
+        # column-major planes
+        (folder / f"{split}_X.bin").write_bytes(x.transpose(0, 1, 3, 2).tobytes())
         if split != "unlabeled":
             (folder / f"{split}_y.bin").write_bytes((labels + 1).astype(np.uint8).tobytes())
         splits[split] = torch.from_numpy(x), torch.from_numpy(labels)
     (folder / "class_names.txt").write_text("".join(f"class{c}\n" for c in range(10)))
     n = len(splits["train"][1])
-    (folder / "fold_indices.txt").write_text("".join(" ".join(map(str, range(f, n, 10))) + "\n" for f in range(10)))
+    (folder / "fold_indices.txt").write_text("".join(" ".join(map(str, range(f, n, 10))) + "\n"
+                                                     for f in range(10)))
     (unlabeled_x, _), (train_x, train_y) = splits.pop("unlabeled"), splits["train"]
-    splits["pretrain"] = torch.cat([train_x, unlabeled_x]), torch.cat([train_y, torch.full((unlabeled,), -1)])
+    splits["pretrain"] = (torch.cat([train_x, unlabeled_x]),
+                          torch.cat([train_y, torch.full((unlabeled,), -1)]))
     return splits
 
 
@@ -126,11 +138,13 @@ def written(tmp_path_factory):
 
 def files_of(name):
     cls = TV[name]
-    return [f for f, _ in cls.train_list + cls.test_list] + ([cls.meta["filename"]] if hasattr(cls, "meta") else [])
+    return [f for f, _ in cls.train_list + cls.test_list] + ([cls.meta["filename"]]
+                                                             if hasattr(cls, "meta") else [])
 
 
 def run_main(argv):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # in-process: one process
+    # in-process: one process
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
     train.main(argv)
 
@@ -148,7 +162,8 @@ def runs(written, tmp_path_factory):
     def run(name, loader):
         if (name, loader) not in done:
             out = tmp_path_factory.mktemp(f"{name}-{loader}")
-            run_main(["--dataset", name, "--data-dir", str(written[name][0]), "--batch-size", str(SIZES[name][4]),
+            run_main(["--dataset", name, "--data-dir", str(written[name][0]),
+                      "--batch-size", str(SIZES[name][4]),
                       "--loader", loader, *RUN, "--out-dir", str(out)])
             done[name, loader] = out
         return done[name, loader]
@@ -160,8 +175,8 @@ def runs(written, tmp_path_factory):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_split_reads_the_written_pixels_and_labels(written, name):
     """Both ways a split is read (load_images for --loader device, the dataset's PIL images for
-    --loader workers) give the written pixels and labels; STL-10's pretrain split is its train images
-    then its unlabeled ones, labelled -1."""
+    --loader workers) give the written pixels and labels; STL-10's pretrain split is its train
+    images then its unlabeled ones, labelled -1."""
     root, splits = written[name]
     for split, (x, y) in splits.items():
         images, labels = data.load_images(name, split, str(root))
@@ -171,13 +186,16 @@ def test_every_split_reads_the_written_pixels_and_labels(written, name):
         assert torch.equal(data.targets(ds), y), split
         for i in (0, len(ds) - 1):
             img, label = ds[i]
-            assert torch.equal(torch.from_numpy(np.array(img)).permute(2, 0, 1), x[i]) and label == y[i], (split, i)
+            assert (torch.equal(torch.from_numpy(np.array(img)).permute(2, 0, 1), x[i])
+                    and label == y[i]), (split, i)
     if name == "stl10":
         assert (splits["pretrain"][1][20:] == -1).all() and len(splits["pretrain"][1]) == 32
-        assert data.build_dataset(name, "test", None, str(root)).classes == [f"class{c}" for c in range(10)]
+        assert (data.build_dataset(name, "test", None, str(root)).classes
+                == [f"class{c}" for c in range(10)])
     else:
         names = data.build_dataset(name, "test", None, str(root)).classes
-        assert names == ([f"class{c}" for c in range(10)] if name == "cifar10" else [f"fine{c}" for c in range(100)])
+        assert names == ([f"class{c}" for c in range(10)] if name == "cifar10"
+                         else [f"fine{c}" for c in range(100)])
 
 
 def test_published_md5s_refuse_a_copy_written_here(written, monkeypatch):
@@ -187,8 +205,9 @@ def test_published_md5s_refuse_a_copy_written_here(written, monkeypatch):
     monkeypatch.setattr(CIFAR10, "train_list", [[f, "0" * 32] for f, _ in CIFAR10.train_list])
     with pytest.raises(SystemExit) as e:
         data.build_dataset("cifar10", "train", None, str(root))
-    assert str(e.value) == (f"error: CIFAR10: {root}/cifar-10-batches-py/data_batch_1 is truncated or corrupted "
-                            f"(its md5 is not the published file's); expected {data.LAYOUT['cifar10']} under {root}; "
+    assert str(e.value) == (f"error: CIFAR10: {root}/cifar-10-batches-py/data_batch_1 is truncated "
+                            "or corrupted (its md5 is not the published file's); "
+                            f"expected {data.LAYOUT['cifar10']} under {root}; "
                             f"pass --download to fetch it again")
 
 
@@ -205,7 +224,8 @@ def test_one_epoch(runs, written, name, loader):
     ckpt = torch.load(out / "run.pt", map_location="cpu", weights_only=True)
     assert (ckpt["step"], ckpt["epoch"]) == (steps, 1)
     assert ckpt["args"]["dataset"] == name and ckpt["args"]["loader"] == loader
-    assert ckpt["data"] == {"num_images": pretrain_images, "num_classes": 100 if name == "cifar100" else 10}
+    assert ckpt["data"] == {"num_images": pretrain_images,
+                            "num_classes": 100 if name == "cifar100" else 10}
     log = read_jsonl(out / "log.jsonl")
     assert [r["step"] for r in log if "loss" in r] == list(range(steps))
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
@@ -216,10 +236,12 @@ def test_one_epoch(runs, written, name, loader):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_evaluate_through_both_loaders(runs, written, name):
-    """kNN and the linear probe on each format from its run.pt, by the device loader then by PIL views
-    (--loader workers): one eval.jsonl record each, the same kNN numbers either way."""
-    out, (train_x, _), (test_x, _) = runs(name, "device"), written[name][1]["train"], written[name][1]["test"]
-    argv = ["--ckpt", str(out / "run.pt"), "--protocol", "knn", "linear", "--linear-epochs", "1", "--workers", "0"]
+    """kNN and the linear probe on each format from its run.pt, by the device loader then by PIL
+    views (--loader workers): one eval.jsonl record each, the same kNN numbers either way."""
+    out, (train_x, _), (test_x, _) = (runs(name, "device"), written[name][1]["train"],
+                                      written[name][1]["test"])
+    argv = ["--ckpt", str(out / "run.pt"), "--protocol", "knn", "linear", "--linear-epochs", "1",
+            "--workers", "0"]
     device = evaluate.main([*argv, "--loader", "device"])
     workers = evaluate.main([*argv, "--loader", "workers"])
     ks = dict.fromkeys([min(200, len(train_x)), 20])  # k capped at the bank
@@ -230,12 +252,13 @@ def test_evaluate_through_both_loaders(runs, written, name):
     assert len(records) == 2 * len(rows)
     for r in records:
         assert r["dataset"] == r["pretrain_dataset"] == name and r["ckpt_epoch"] == 1
-        assert r["settings"]["train_images"] == len(train_x) and r["settings"]["test_images"] == len(test_x)
+        assert (r["settings"]["train_images"] == len(train_x)
+                and r["settings"]["test_images"] == len(test_x))
         assert r["settings"]["image_size"] == 16
         assert 0 <= r["top1"] <= r["top5"] <= 100
     assert records[0]["settings"]["k"] == len(train_x)
-    # chance is 10% (1% on CIFAR-100); each class has its colour, so kNN finds it when the labels read
-    # belong to the images read (measured: 95-100%)
+    # chance is 10% (1% on CIFAR-100); each class has its colour, so kNN finds it when the labels
+    # read belong to the images read (measured: 95-100%)
     assert all(r["top1"] > 50 for r in records if r["protocol"] == "knn")
 
 
@@ -248,7 +271,8 @@ def copy_of(written, name, tmp_path):
 
 
 def expected_error(name, root, path, what):
-    return (f"error: {TV[name].__name__}: {path} {what}; expected {data.LAYOUT[name]} under {root}; "
+    return (f"error: {TV[name].__name__}: {path} {what}; expected {data.LAYOUT[name]} "
+            f"under {root}; "
             f"pass --download to fetch it again")
 
 
@@ -260,10 +284,12 @@ def test_missing_file_is_named(written, tmp_path, name, missing):
     root = copy_of(written, name, tmp_path)
     path = root / TV[name].base_folder / missing
     assert data.LAYOUT[name].startswith(TV[name].base_folder + "/")
-    assert missing in data.LAYOUT[name] or missing.startswith("data_batch_")  # written data_batch_1..5
+    # written data_batch_1..5
+    assert missing in data.LAYOUT[name] or missing.startswith("data_batch_")
     path.unlink()
     with pytest.raises(SystemExit) as e:
-        run_main(["--dataset", name, "--data-dir", str(root), *RUN, "--out-dir", str(tmp_path / "out")])
+        run_main(["--dataset", name, "--data-dir", str(root), *RUN,
+                  "--out-dir", str(tmp_path / "out")])
     assert str(e.value) == expected_error(name, root, path, "is missing")
 
 
@@ -272,31 +298,38 @@ def test_missing_folder_is_named(written, tmp_path, name):
     """An empty --data-dir, or the CIFAR-10 binary version (cifar-10-batches-bin/) there."""
     (tmp_path / "cifar-10-batches-bin").mkdir()
     with pytest.raises(SystemExit) as e:
-        run_main(["--dataset", name, "--data-dir", str(tmp_path), *RUN, "--out-dir", str(tmp_path / "out")])
-    assert str(e.value) == (f"error: {TV[name].__name__} not found: expected {data.LAYOUT[name]} under {tmp_path}; "
+        run_main(["--dataset", name, "--data-dir", str(tmp_path), *RUN,
+                  "--out-dir", str(tmp_path / "out")])
+    assert str(e.value) == (f"error: {TV[name].__name__} not found: expected {data.LAYOUT[name]} "
+                            f"under {tmp_path}; "
                             f"pass --download to fetch it there, or --data-dir where it lies")
 
 
-TRUNCATED = [("cifar10", "data_batch_3", "train", "device"), ("cifar10", "batches.meta", "evaluate", "workers"),
+TRUNCATED = [("cifar10", "data_batch_3", "train", "device"),
+             ("cifar10", "batches.meta", "evaluate", "workers"),
              ("cifar100", "test", "evaluate", "device"), ("cifar100", "train", "train", "workers"),
-             ("stl10", "unlabeled_X.bin", "train", "workers"), ("stl10", "test_y.bin", "evaluate", "device")]
+             ("stl10", "unlabeled_X.bin", "train", "workers"),
+             ("stl10", "test_y.bin", "evaluate", "device")]
 
 
 @pytest.mark.parametrize("name,truncated,script,loader", TRUNCATED)
 def test_truncated_file_is_named(runs, written, tmp_path, name, truncated, script, loader):
-    """A file cut short (a copy that stopped, a full disk), met by train.py or evaluate.py, either loader."""
+    """A file cut short (a copy that stopped, a full disk), met by train.py or evaluate.py, either
+    loader."""
     root = copy_of(written, name, tmp_path)
     path = root / TV[name].base_folder / truncated
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     if script == "train":
-        argv = ["--dataset", name, "--data-dir", str(root), *RUN, "--loader", loader, "--out-dir", str(tmp_path)]
+        argv = ["--dataset", name, "--data-dir", str(root), *RUN, "--loader", loader,
+                "--out-dir", str(tmp_path)]
     else:
-        argv = ["--ckpt", str(runs(name, "device") / "run.pt"), "--data-dir", str(root), "--protocol", "knn",
-                "--loader", loader, "--workers", "0"]
+        argv = ["--ckpt", str(runs(name, "device") / "run.pt"), "--data-dir", str(root),
+                "--protocol", "knn", "--loader", loader, "--workers", "0"]
     with pytest.raises(SystemExit) as e:
         (run_main if script == "train" else evaluate.main)(argv)
     assert str(e.value) == expected_error(name, root, path,
-                                          "is truncated or corrupted (its md5 is not the published file's)")
+                                          "is truncated or corrupted "
+                                          "(its md5 is not the published file's)")
 
 
 def test_failed_download_is_one_line(tmp_path, monkeypatch):
@@ -309,8 +342,9 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
     with pytest.raises(SystemExit) as e:
         data.build_dataset("cifar10", "train", None, str(tmp_path), download=True)
-    assert str(e.value) == (f"error: CIFAR10 under {tmp_path}: could not download or read it (URLError: <urlopen "
-                            f"error [Errno -3] Temporary failure in name resolution>); expected "
+    assert str(e.value) == (f"error: CIFAR10 under {tmp_path}: could not download or read it "
+                            "(URLError: <urlopen error [Errno -3] Temporary failure in name "
+                            "resolution>); expected "
                             f"{data.LAYOUT['cifar10']} under {tmp_path}")
 
 
