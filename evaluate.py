@@ -1,24 +1,27 @@
-"""Evaluate a pretrained backbone: kNN, linear probe, semi-supervised (1% / 10%) and full fine-tuning.
+"""Evaluate a pretrained backbone: kNN, linear probe, semi-supervised (1% / 10%) and full
+fine-tuning.
 
-    python evaluate.py --ckpt out/run.pt                                  # kNN + linear probe
+    python evaluate.py --ckpt out/run.pt                              # kNN + linear probe
     python evaluate.py --ckpt out/run.pt --protocol knn semi finetune --random-init
-    python evaluate.py --ckpt out/run.pt --protocol linear-aug            # the thesis's linear protocol
-    python evaluate.py --ckpt out/run.pt --dataset cifar100               # transfer (probes: 50 epochs)
+    python evaluate.py --ckpt out/run.pt --protocol linear-aug        # the thesis's linear protocol
+    python evaluate.py --ckpt out/run.pt --dataset cifar100           # transfer (probes: 50 epochs)
     python evaluate.py --ckpt out/backbone.pt --arch resnet18 --dataset cifar10
     python evaluate.py --ckpt out/run.pt --weights student     # the online network, not the teacher
     python evaluate.py --ckpt dino/checkpoint.pth              # other libraries: see checkpoints.py
-    python evaluate.py --ckpt out/run.pt --dataset cifar10 --train-subset 5000 --test-subset 2000  # CPU
+    # CPU
+    python evaluate.py --ckpt out/run.pt --dataset cifar10 --train-subset 5000 --test-subset 2000
 
 Protocols (thesis / InstDisc / DINO eval_knn conventions):
-  knn         frozen L2-normalised features, cosine similarity, votes weighted exp(sim / T), k = 200 and 20
+  knn         frozen L2-normalised features, cosine similarity, votes weighted exp(sim / T),
+              k = 200 and 20
   linear      frozen backbone, nn.Linear on standardised precomputed features of the unaugmented
               images, SGD + cosine: fast, for comparing runs
   linear-aug  the thesis's probe (4.2.1, 5.6: He et al.'s MoCo protocol): the same head trained on
-              features of fresh random-resized-crop + flip views every epoch, backbone frozen in eval
-              mode (BatchNorm statistics untouched); quote this one beside the thesis's numbers
-  semi        backbone + linear layer fine-tuned on class-balanced 1% and 10% label subsets, saved as
-              <ckpt dir>/subset_<dataset>_<pct>pct_seed<seed>_<hash of the train split's files>.txt
-              and reused
+              features of fresh random-resized-crop + flip views every epoch, backbone frozen in
+              eval mode (BatchNorm statistics untouched); quote this one beside the thesis's numbers
+  semi        backbone + linear layer fine-tuned on class-balanced 1% and 10% label subsets,
+              saved as <ckpt dir>/subset_<dataset>_<pct>pct_seed<seed>_<hash of the train split's
+              files>.txt and reused
   finetune    the same on 100% of the labels
 Linear probes train 100 epochs, or 50 when evaluating on another dataset than the pretraining one
 (thesis 5.7.2). Architecture, stem, image size and dataset come from the checkpoint's stored args
@@ -101,26 +104,34 @@ def parse_args(argv=None):
     which.add_argument("--checkpoint-key", default=None,
                        help="read the weights under this top-level entry of the file (e.g. model)")
     p.add_argument("--protocol", nargs="+", default=["knn", "linear"], help=", ".join(PROTOCOLS))
-    p.add_argument("--dataset", default=None, help="evaluate on this dataset (default: the pretraining one)")
-    p.add_argument("--data-dir", default=None, help="where the dataset lies (default: the checkpoint's, else data)")
-    p.add_argument("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10")
-    p.add_argument("--arch", default=None, help=f"{', '.join(models.ARCHS)} (default: the checkpoint's, else resnet18)")
+    p.add_argument("--dataset", default=None,
+                   help="evaluate on this dataset (default: the pretraining one)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset lies (default: the checkpoint's, else data)")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download cifar10/cifar100/stl10")
+    p.add_argument("--arch", default=None,
+                   help=f"{', '.join(models.ARCHS)} (default: the checkpoint's, else resnet18)")
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
-                   help="3x3 stride-1 stem (default: the checkpoint's, else read from conv1's kernel size)")
+                   help="3x3 stride-1 stem (default: the checkpoint's, else read from conv1's "
+                        "kernel size)")
     p.add_argument("--image-size", type=positive_int, default=None,
-                   help="default: the checkpoint's; for a backbone.pt the images' own size when they are small "
-                        "(<= 64 px) or the stem is the cifar one, else the dataset's")
+                   help="default: the checkpoint's; for a backbone.pt the images' own size when "
+                        "they are small (<= 64 px) or the stem is the cifar one, else the "
+                        "dataset's")
     p.add_argument("--train-subset", type=positive_int, default=None,
-                   help="a fixed class-balanced subset of this many labelled train images (kNN bank, probe "
-                        "and fine-tuning pool)")
+                   help="a fixed class-balanced subset of this many labelled train images (kNN "
+                        "bank, probe and fine-tuning pool)")
     p.add_argument("--test-subset", type=positive_int, default=None,
                    help="a fixed class-balanced subset of this many test images (queries)")
-    p.add_argument("--random-init", action="store_true", help="also evaluate an untrained backbone, for comparison")
+    p.add_argument("--random-init", action="store_true",
+                   help="also evaluate an untrained backbone, for comparison")
     p.add_argument("--knn-k", type=positive_int, nargs="+", default=[200, 20],
                    help="neighbours (at most the train images)")
     p.add_argument("--knn-t", type=positive_float, default=0.07, help="kNN vote temperature")
     p.add_argument("--linear-epochs", type=positive_int, default=None,
-                   help="linear and linear-aug (default: 100, or 50 on another dataset than the pretraining one)")
+                   help="linear and linear-aug (default: 100, or 50 on another dataset than the "
+                        "pretraining one)")
     p.add_argument("--linear-lr", type=positive_float, default=0.1, help="linear and linear-aug")
     p.add_argument("--finetune-epochs", type=positive_int, default=50, help="semi and finetune")
     p.add_argument("--finetune-lr", type=positive_float, default=0.05, help="semi and finetune")
@@ -130,10 +141,10 @@ def parse_args(argv=None):
                    help="seed of the semi-supervised label subsets")
     p.add_argument("--batch-size", type=positive_int, default=256, help="semi and finetune: >= 2")
     p.add_argument("--loader", default=None, choices=["device", "workers"],
-                   help="for knn, linear and linear-aug: device (each split decoded once into memory on the "
-                        "device, views made there in batches) or workers (PIL views in DataLoader processes; "
-                        "semi and finetune always use these); default as train.py's: workers for ImageFolder "
-                        "trees of large images, else device")
+                   help="for knn, linear and linear-aug: device (each split decoded once into "
+                        "memory on the device, views made there in batches) or workers (PIL views "
+                        "in DataLoader processes; semi and finetune always use these); default as "
+                        "train.py's: workers for ImageFolder trees of large images, else device")
     p.add_argument("--workers", type=nonnegative_int, default=min(8, os.cpu_count() or 1),
                    help="data loader processes (0: in this one)")
     p.add_argument("--compile", action="store_true",
@@ -157,7 +168,8 @@ def load_weights(path, weights=None, key=None):
 
 def resolve(args, stored, state):
     """Unset flags from the checkpoint's args, else defaults; check them before any work. The image
-    size, when neither --image-size nor the checkpoint gives it, waits for the images (choose_image_size)."""
+    size, when neither --image-size nor the checkpoint gives it, waits for the images
+    (choose_image_size)."""
     if args.batch_size < 2 and {"semi", "finetune"} & set(args.protocol):
         fail(f"--batch-size {args.batch_size}: semi and finetune train BatchNorm, which needs at "
              f"least 2 images a batch")
@@ -172,18 +184,21 @@ def resolve(args, stored, state):
     if args.cifar_stem is None:
         args.cifar_stem = stored.get("cifar_stem")
     if args.cifar_stem is None and "conv1.weight" in state:
-        args.cifar_stem = state["conv1.weight"].shape[-1] == 3  # (64, 3, 3, 3) cifar, (64, 3, 7, 7) imagenet
+        args.cifar_stem = (
+            state["conv1.weight"].shape[-1] == 3)  # (64, 3, 3, 3) cifar, (64, 3, 7, 7) imagenet
     args.transfer = args.pretrain_dataset is not None and args.dataset != args.pretrain_dataset
-    if args.linear_epochs is None:  # thesis 5.7.2: 50 epochs for the cross-domain probes; 4.2.1 / 6.4.1: 100
+    # thesis 5.7.2: 50 epochs for the cross-domain probes; 4.2.1 / 6.4.1: 100
+    if args.linear_epochs is None:
         args.linear_epochs = 50 if args.transfer else 100
     return args
 
 
 def choose_image_size(args, stored, first_image):
-    """(input size, where it came from): --image-size, else the run's training size, else the images'
-    own size (short side of the first train image) when they are small or the stem is the cifar one
-    (at the 224 px ImageFolder default a cifar-stem net would see 32 px images upsampled 7x: ~50x the
-    compute, and another input distribution than it learned on), else the dataset's default."""
+    """(input size, where it came from): --image-size, else the run's training size, else the
+    images' own size (short side of the first train image) when they are small or the stem is the
+    cifar one (at the 224 px ImageFolder default a cifar-stem net would see 32 px images upsampled
+    7x: ~50x the compute, and another input distribution than it learned on), else the dataset's
+    default."""
     own = min(first_image.size)  # PIL size is (width, height)
     if args.image_size:
         return args.image_size, "--image-size"
@@ -191,13 +206,14 @@ def choose_image_size(args, stored, first_image):
         return stored["image_size"], "the checkpoint's training size"
     if own <= models.CIFAR_STEM_MAX_PX or args.cifar_stem and own <= 96:
         return own, "the images' own size"
-    if args.cifar_stem:  # large images through a stride-1 stem would cost (own / 32)^2 times a CIFAR image
+    if args.cifar_stem:  # large images through a stride-1 stem cost (own / 32)^2 times a CIFAR one
         return models.CIFAR_STEM_MAX_PX, "the largest size the cifar stem gets by default"
     return data.IMAGE_SIZE[args.dataset], f"the {args.dataset} default"
 
 
 class Transformed(torch.utils.data.Dataset):
-    """(PIL image, label) dataset -> (transform(image), label): one loaded dataset, several views."""
+    """(PIL image, label) dataset -> (transform(image), label): one loaded dataset, several
+    views."""
 
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -211,14 +227,17 @@ class Transformed(torch.utils.data.Dataset):
 
 
 def labelled_split(args, split, subset_size):
-    """The labelled `split` as (dataset of PIL images, labels (N,)), optionally a fixed balanced subset."""
+    """The labelled `split` as (dataset of PIL images, labels (N,)), optionally a fixed balanced
+    subset."""
     ds = data.build_dataset(args.dataset, split, None, args.data_dir, args.download)
     labels = data.targets(ds)  # (N,)
     if len(labels) == 0 or (labels < 0).any():
-        fail(f"--dataset {args.dataset}: {(labels < 0).sum().item()} of the {len(labels)} images of its {split} "
-             f"split have no label (-1); evaluation needs labelled train and test splits")
+        fail(f"--dataset {args.dataset}: {(labels < 0).sum().item()} of the {len(labels)} images "
+             f"of its {split} split have no label (-1); evaluation needs labelled train and "
+             "test splits")
     if subset_size:
-        keep = data.subset_indices(labels, subset_size, f"--{split}-subset")  # (subset_size,) sorted
+        keep = data.subset_indices(labels, subset_size,
+                                   f"--{split}-subset")  # (subset_size,) sorted
         ds, labels = torch.utils.data.Subset(ds, keep.tolist()), labels[keep]
     return ds, labels
 
@@ -236,7 +255,8 @@ def semi_subset(ds, labels, fraction, args):
     folder = os.path.dirname(os.path.abspath(args.ckpt))
     path = os.path.join(folder, f"{name}_{data.fingerprint(ds)}.txt")
     # Indices are saved into the full train split, so the file stays meaningful outside this run.
-    full_index = torch.as_tensor(ds.indices) if isinstance(ds, torch.utils.data.Subset) else torch.arange(len(ds))
+    full_index = (torch.as_tensor(ds.indices) if isinstance(ds, torch.utils.data.Subset)
+                  else torch.arange(len(ds)))
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -276,13 +296,15 @@ class DeviceBatches:
 
     def __iter__(self):
         for i in range(0, len(self.labels), self.batch_size):
-            idx = slice(i, i + self.batch_size) if self.order is None else self.order[i:i + self.batch_size]
+            idx = (slice(i, i + self.batch_size) if self.order is None
+                   else self.order[i:i + self.batch_size])
             yield self.view(self.images[idx]), self.labels[idx]
 
 
 def make_loader(ds, batch_size, workers, device, shuffle=False, seed=0, drop_last=False):
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       pin_memory=device.type == "cuda", drop_last=drop_last,
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       drop_last=drop_last,
                                        generator=torch.Generator().manual_seed(seed))
 
 
@@ -297,7 +319,8 @@ def progress(steps, label):
         now = time.monotonic()
         if now - last >= PROGRESS_SECONDS or (i == n and last > start):
             eta = (now - start) / i * (n - i)
-            print(f"{label} {i}/{n}, {(now - start) / 60:.1f} min, eta {eta / 60:.1f} min", flush=True)
+            print(f"{label} {i}/{n}, {(now - start) / 60:.1f} min, eta {eta / 60:.1f} min",
+                  flush=True)
             last = now
 
 
@@ -307,7 +330,8 @@ def autocast(device):
 
 @torch.no_grad()
 def extract_features(net, batches, device):
-    """net's outputs for every (x, y) of batches, in eval mode: (outputs (N, F) float32, labels (N,)) on device."""
+    """net's outputs for every (x, y) of batches, in eval mode: (outputs (N, F) float32,
+    labels (N,)) on device."""
     net.eval()
     outs, labels = [], []
     for x, y in batches:
@@ -320,9 +344,9 @@ def extract_features(net, batches, device):
 
 @torch.no_grad()
 def knn_classify(train_feats, train_labels, test_feats, num_classes, k=200, T=0.07, chunk=256):
-    """Weighted kNN (InstDisc / DINO eval_knn): class scores (N_test, C), each the sum of exp(cos / T)
-    over the k most similar train features of that class. Queries go `chunk` at a time, so no
-    (N_test, N_train) similarity matrix is ever held whole."""
+    """Weighted kNN (InstDisc / DINO eval_knn): class scores (N_test, C), each the sum of
+    exp(cos / T) over the k most similar train features of that class. Queries go `chunk` at a
+    time, so no (N_test, N_train) similarity matrix is ever held whole."""
     bank = F.normalize(train_feats, dim=1)  # (N_train, F)
     k = min(k, len(bank))
     scores = []
@@ -346,15 +370,16 @@ def sgd_cosine(params, lr, weight_decay, total_steps):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total_steps))
 
 
-def train_linear(train_feats, train_labels, num_classes, epochs=100, lr=0.1, batch_size=256, weight_decay=0.0,
-                 seed=0, aug_batches=None, label="linear"):
-    """Linear probe: nn.Linear(F, C) trained with cross-entropy on standardised features, returned with
-    the standardisation folded into its weights, so it takes raw features (N, F).
+def train_linear(train_feats, train_labels, num_classes, epochs=100, lr=0.1, batch_size=256,
+                 weight_decay=0.0, seed=0, aug_batches=None, label="linear"):
+    """Linear probe: nn.Linear(F, C) trained with cross-entropy on standardised features, returned
+    with the standardisation folded into its weights, so it takes raw features (N, F).
 
-    aug_batches (linear-aug): a function returning one epoch of (feats (B, F), labels (B,)) of freshly
-    augmented images; train_feats (of unaugmented images) then only give the standardisation statistics.
-    SGD + cosine for both: the thesis names He et al.'s protocol but not its optimiser, and MoCo's lr 30
-    (x0.1 at epochs 60 and 80) suits the scale of its raw features, which the standardisation removes."""
+    aug_batches (linear-aug): a function returning one epoch of (feats (B, F), labels (B,)) of
+    freshly augmented images; train_feats (of unaugmented images) then only give the
+    standardisation statistics. SGD + cosine for both: the thesis names He et al.'s protocol but
+    not its optimiser, and MoCo's lr 30 (x0.1 at epochs 60 and 80) suits the scale of its raw
+    features, which the standardisation removes."""
     mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)  # (F,) each
     head = nn.Linear(train_feats.shape[1], num_classes).to(train_feats.device)
     steps_per_epoch = math.ceil(len(train_feats) / batch_size)
@@ -430,17 +455,18 @@ def finetune(backbone, head, loader, epochs, lr, weight_decay, device, label="fi
 
 
 def build_backbone(args, weights, device):
-    """The backbone to evaluate: the checkpoint's weights, or (weights None) a torch.manual_seed(seed)
-    init, which for seed 0 is the very network train.py started from."""
+    """The backbone to evaluate: the checkpoint's weights, or (weights None) a
+    torch.manual_seed(seed) init, which for seed 0 is the very network train.py started from."""
     torch.manual_seed(args.seed)
     net, feat_dim = models.build_backbone(args.arch, args.cifar_stem)
     if weights is not None:
         try:
             net.load_state_dict(weights)
         except RuntimeError as e:  # wrong --arch or stem: missing / unexpected keys, size mismatch
-            detail = " ".join(" ".join(str(e).splitlines()[1:]).split())  # past "Error(s) in loading ..."
-            fail(f"{args.ckpt} does not fit --arch {args.arch} {'with' if args.cifar_stem else 'without'} "
-                 f"the cifar stem: {detail[:300]}")
+            # past "Error(s) in loading ..."
+            detail = " ".join(" ".join(str(e).splitlines()[1:]).split())
+            fail(f"{args.ckpt} does not fit --arch {args.arch} "
+                 f"{'with' if args.cifar_stem else 'without'} the cifar stem: {detail[:300]}")
     return net.to(device, memory_format=torch.channels_last), feat_dim
 
 
@@ -478,7 +504,8 @@ def run(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    # Data: PIL datasets loaded once, seen through the eval (resize, centre crop) or train (crop, flip) view.
+    # Data: PIL datasets loaded once, seen through the eval (resize, centre crop) or train
+    # (crop, flip) view.
     train_set, train_labels = labelled_split(args, "train", args.train_subset)
     test_set, test_labels = labelled_split(args, "test", args.test_subset)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -494,20 +521,25 @@ def run(argv=None):
     if args.loader == "device" and {"knn", "linear", "linear-aug"} & set(args.protocol):
         held = {}  # split -> (images (N, 3, H, W) uint8, labels (N,)) on the device
         for split, subset in (("train", args.train_subset), ("test", args.test_subset)):
-            images, labels = data.load_images(args.dataset, split, args.data_dir, args.download, args.image_size,
-                                              data.memory_budget(device), subset, f"--{split}-subset")
+            images, labels = data.load_images(args.dataset, split, args.data_dir, args.download,
+                                              args.image_size, data.memory_budget(device), subset,
+                                              f"--{split}-subset")
             held[split] = images.to(device), labels.to(device)
         eval_batch = lambda x: augment.eval_batch(x, args.image_size, args.dataset)  # noqa: E731
         feature_batches = {split: DeviceBatches(*held[split], bs, eval_batch) for split in held}
-        # linear-aug's crops on the device only from images held as they are (a tree of mixed sizes is held as
-        # squares; one image's own size stands for that) and no larger than the input (no shrinking crops)
+        # linear-aug's crops on the device only from images held as they are (a tree of mixed sizes
+        # is held as squares; one image's own size stands for that) and no larger than the input
+        # (no shrinking crops)
         held_hw = tuple(held["train"][0].shape[-2:])
-        aug_on_device = held_hw == (first_image.height, first_image.width) and max(held_hw) <= args.image_size
+        aug_on_device = (held_hw == (first_image.height, first_image.width)
+                         and max(held_hw) <= args.image_size)
         if "linear-aug" in args.protocol and not aug_on_device:
-            print(f"linear-aug: the held images ({held_hw[1]}x{held_hw[0]} px) are not the files' own or are larger "
-                  f"than {args.image_size} px, so its views are made by PIL in --workers processes", flush=True)
+            print(f"linear-aug: the held images ({held_hw[1]}x{held_hw[0]} px) are not the files' "
+                  f"own or are larger than {args.image_size} px, so its views are made by PIL in "
+                  "--workers processes", flush=True)
     else:
-        feature_batches = {"train": make_loader(Transformed(train_set, eval_tf), bs, nw, device), "test": test_loader}
+        feature_batches = {"train": make_loader(Transformed(train_set, eval_tf), bs, nw, device),
+                           "test": test_loader}
         aug_on_device = False
     label_fractions = []  # (protocol, fraction of the train labels) to fine-tune on
     if "semi" in args.protocol:
@@ -515,18 +547,21 @@ def run(argv=None):
     if "finetune" in args.protocol:
         label_fractions.append(("finetune", 1.0))
     linear_probes = [p for p in ("linear", "linear-aug") if p in args.protocol]
-    probe_epochs = (f"linear probes {args.linear_epochs} epochs{' (transfer)' if args.transfer else ''}, "
+    probe_epochs = (f"linear probes {args.linear_epochs} epochs"
+                    f"{' (transfer)' if args.transfer else ''}, "
                     if linear_probes else "")
     stem = "cifar" if args.cifar_stem else "imagenet"
     print(f"evaluating {args.ckpt} ({which}; {args.arch}, {stem} stem, "
-          f"pretrained on {args.pretrain_dataset or 'unknown'}) on {args.dataset} at {args.image_size} px "
-          f"({size_from}): {len(train_set)} train / {len(test_set)} test images, {num_classes} classes, "
-          f"{probe_epochs}{device.type}, {args.loader} loader", flush=True)
+          f"pretrained on {args.pretrain_dataset or 'unknown'}) on {args.dataset} at "
+          f"{args.image_size} px ({size_from}): {len(train_set)} train / {len(test_set)} test "
+          f"images, {num_classes} classes, {probe_epochs}{device.type}, {args.loader} loader",
+          flush=True)
     scale = args.image_size / min(first_image.size)
     if not 0.5 <= scale <= 2:  # far from the images' own size: costly upsampling or lost detail
         w, h = first_image.size
-        print(f"warning: the images are {w}x{h} px (the first train image) and get resized {scale:.2g}x to "
-              f"{args.image_size} px; --image-size sets the input size", file=sys.stderr, flush=True)
+        print(f"warning: the images are {w}x{h} px (the first train image) and get resized "
+              f"{scale:.2g}x to {args.image_size} px; --image-size sets the input size",
+              file=sys.stderr, flush=True)
 
     knn_ks = list(dict.fromkeys(min(k, len(train_set)) for k in args.knn_k))  # capped at the bank
     if "knn" in args.protocol and max(args.knn_k) > len(train_set):
@@ -540,11 +575,12 @@ def run(argv=None):
         row = f"{protocol} {setting}".strip()
         results.append((name, row, top1, top5))
         rec = {"ckpt": os.path.abspath(args.ckpt), "ckpt_epoch": ckpt_epoch, "weights": which,
-               "pretrain_dataset": args.pretrain_dataset, "dataset": args.dataset, "protocol": protocol,
-               "setting": setting, "settings": {"arch": args.arch, "cifar_stem": args.cifar_stem,
-                                                "image_size": args.image_size, "image_size_from": size_from,
-                                                "train_images": len(train_set), "test_images": len(test_set),
-                                                **settings},
+               "pretrain_dataset": args.pretrain_dataset, "dataset": args.dataset,
+               "protocol": protocol, "setting": setting,
+               "settings": {"arch": args.arch, "cifar_stem": args.cifar_stem,
+                            "image_size": args.image_size, "image_size_from": size_from,
+                            "train_images": len(train_set), "test_images": len(test_set),
+                            **settings},
                "top1": round(top1, 2), "top5": round(top5, 2), "random_init": name == "random-init",
                "seconds": round(seconds, 1)}
         print(f"{name} {row}: top-1 {top1:.2f} top-5 {top5:.2f} ({seconds:.0f} s)", flush=True)
@@ -562,15 +598,18 @@ def run(argv=None):
         if "knn" in args.protocol or linear_probes:  # frozen features of unaugmented images
             t0 = time.time()
             train_feats, train_y = extract_features(  # (N_train, F), (N_train,)
-                backbone, progress(feature_batches["train"], f"{name} features, train split: batch"), device)
+                backbone, progress(feature_batches["train"],
+                                   f"{name} features, train split: batch"), device)
             test_feats, test_y = extract_features(  # (N_test, F), (N_test,)
-                backbone, progress(feature_batches["test"], f"{name} features, test split: batch"), device)
+                backbone, progress(feature_batches["test"],
+                                   f"{name} features, test split: batch"), device)
             t_feats = time.time() - t0
 
         if "knn" in args.protocol:
             for k in knn_ks:
                 t0 = time.time()
-                scores = knn_classify(train_feats, train_y, test_feats, num_classes, k, args.knn_t)  # (N_test, C)
+                scores = knn_classify(train_feats, train_y, test_feats, num_classes, k,
+                                      args.knn_t)  # (N_test, C)
                 top1, top5 = topk_accuracy(scores, test_y)
                 report(name, "knn", f"k={k}", top1, top5, t_feats + time.time() - t0, k=k,
                        T=args.knn_t)
@@ -578,50 +617,58 @@ def run(argv=None):
         for protocol in linear_probes:
             t0 = time.time()
             aug_batches = None
-            if protocol == "linear-aug":  # backbone frozen in eval mode, features of fresh crop/flip views per batch
+            # backbone frozen in eval mode, features of fresh crop/flip views per batch
+            if protocol == "linear-aug":
                 if aug_on_device:
                     aug_batches = device_aug_epochs(backbone, *held["train"], bs, args, device)
                 else:
-                    aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device, shuffle=True,
-                                             seed=args.seed)
+                    aug_loader = make_loader(Transformed(train_set, train_tf), bs, nw, device,
+                                             shuffle=True, seed=args.seed)
                     aug_batches = lambda: (  # noqa: E731
                         extract_features(backbone, [b], device) for b in aug_loader)  # (B, F), (B,)
 
             torch.manual_seed(args.seed)
-            head = train_linear(train_feats, train_y, num_classes, args.linear_epochs, args.linear_lr, bs,
-                                args.weight_decay, args.seed, aug_batches, label=f"{name} {protocol}")
+            head = train_linear(train_feats, train_y, num_classes, args.linear_epochs,
+                                args.linear_lr, bs, args.weight_decay, args.seed, aug_batches,
+                                label=f"{name} {protocol}")
             with torch.no_grad():
                 top1, top5 = topk_accuracy(head(test_feats), test_y)
-            report(name, protocol, "", top1, top5, t_feats + time.time() - t0, epochs=args.linear_epochs,
-                   lr=args.linear_lr, weight_decay=args.weight_decay, batch_size=bs)
+            report(name, protocol, "", top1, top5, t_feats + time.time() - t0,
+                   epochs=args.linear_epochs, lr=args.linear_lr, weight_decay=args.weight_decay,
+                   batch_size=bs)
 
         for protocol, fraction in label_fractions:
             t0 = time.time()
             ft_set, subset_file = train_set, None
             if fraction < 1:
-                keep, subset_file = semi_subset(train_set, train_labels, fraction, args)  # (n,) into train_set
+                keep, subset_file = semi_subset(
+                    train_set, train_labels, fraction, args)  # (n,) into train_set
                 ft_set = torch.utils.data.Subset(train_set, keep.tolist())
             backbone, feat_dim = build_backbone(args, weights, device)
             torch.manual_seed(args.seed)
             head = nn.Linear(feat_dim, num_classes)
-            ft_loader = make_loader(Transformed(ft_set, train_tf), bs, nw, device, shuffle=True, seed=args.seed,
-                                    drop_last=len(ft_set) > bs)  # no 1-image BatchNorm batch at an epoch's end
+            # no 1-image BatchNorm batch at an epoch's end
+            ft_loader = make_loader(Transformed(ft_set, train_tf), bs, nw, device, shuffle=True,
+                                    seed=args.seed, drop_last=len(ft_set) > bs)
             what = f"{name} {protocol} {100 * fraction:g}%"
-            net = finetune(backbone, head, ft_loader, args.finetune_epochs, args.finetune_lr, args.weight_decay, device,
-                           label=what)
+            net = finetune(backbone, head, ft_loader, args.finetune_epochs, args.finetune_lr,
+                           args.weight_decay, device, label=what)
             scores, labels = extract_features(  # (N_test, C), (N_test,)
                 net, progress(test_loader, f"{what}, test split: batch"), device)
             top1, top5 = topk_accuracy(scores, labels)
-            report(name, protocol, f"{100 * fraction:g}%", top1, top5, time.time() - t0, labels=len(ft_set),
-                   subset_file=subset_file, subset_seed=args.subset_seed if subset_file else None,
-                   epochs=args.finetune_epochs, lr=args.finetune_lr, weight_decay=args.weight_decay, batch_size=bs)
+            report(name, protocol, f"{100 * fraction:g}%", top1, top5, time.time() - t0,
+                   labels=len(ft_set), subset_file=subset_file,
+                   subset_seed=args.subset_seed if subset_file else None,
+                   epochs=args.finetune_epochs, lr=args.finetune_lr,
+                   weight_decay=args.weight_decay, batch_size=bs)
 
     # Table: one row per protocol setting, trained and random-init side by side.
     names = [name for name, _ in backbones]
     top = {(name, row): (top1, top5) for name, row, top1, top5 in results}
     print(f"\n{'protocol':14s}" + "".join(f"{name + ' top-1':>20s}{'top-5':>8s}" for name in names))
     for row in dict.fromkeys(row for _, row, _, _ in results):
-        print(f"{row:14s}" + "".join(f"{top[name, row][0]:20.2f}{top[name, row][1]:8.2f}" for name in names))
+        print(f"{row:14s}" + "".join(f"{top[name, row][0]:20.2f}{top[name, row][1]:8.2f}"
+                                     for name in names))
     lost = f"; {len(results) - logged} could not be, printed above" if logged < len(results) else ""
     print(f"appended {logged} records to {log_path}{lost}")
     return results

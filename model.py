@@ -161,8 +161,8 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
 class EMATeacher:
     """A copy of the student whose weights follow an exponential moving average of the student's:
     teacher = m * teacher + (1 - m) * student after every step (BYOL's target network, MoCo's key
-    encoder, the published CARP's teacher). No gradient reaches it; its BatchNorm layers normalise with
-    the batch's statistics, as the student's do.
+    encoder, the published CARP's teacher). No gradient reaches it; its BatchNorm layers normalise
+    with the batch's statistics, as the student's do.
 
     bn_group (MoCo v2's shuffled BN): the batch's images are split at random into equal groups of at
     most bn_group images (both their views), at least two groups, each normalised with its own
@@ -188,7 +188,8 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, student, momentum):
-        torch._foreach_lerp_(list(self.net.parameters()), [p.detach() for p in student.parameters()], 1 - momentum)
+        torch._foreach_lerp_(list(self.net.parameters()),
+                             [p.detach() for p in student.parameters()], 1 - momentum)
 
     @torch.no_grad()
     def __call__(self, views, seed=0):
@@ -197,7 +198,8 @@ class EMATeacher:
         if not self.bn_group or batch < 2:
             return self.run(views)
         size = max(d for d in range(1, min(self.bn_group, batch // 2) + 1) if batch % d == 0)
-        order = torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).to(views[0].device)  # (B,)
+        order = (torch.randperm(batch, generator=torch.Generator().manual_seed(seed))
+                 .to(views[0].device))  # (B,)
         # the rows of torch.cat(views) group by group, a group's images in every view: (G, V, size)
         views_at = batch * torch.arange(V, device=order.device)  # (V,)
         rows = (order.view(-1, 1, size) + views_at[:, None]).flatten()  # (V B,)

@@ -8,16 +8,20 @@
 # queries; and evaluate.py's linear probe (the fast one: 100 epochs on the frozen features of the
 # 5,000 images, tested on the 2,000), of the run and of the random init. Prints one table.
 #
-#   bash benchmarks/cpu_cifar10.sh ../shared/data/cifar10                  # ImageFolder tree (train/, test/)
-#   RUNS="simclr carl" MINUTES=5 bash benchmarks/cpu_cifar10.sh data      # torchvision CIFAR-10 (downloads)
+#   # ImageFolder tree (train/, test/)
+#   bash benchmarks/cpu_cifar10.sh ../shared/data/cifar10
+#   # torchvision CIFAR-10 (downloads)
+#   RUNS="simclr carl" MINUTES=5 bash benchmarks/cpu_cifar10.sh data
 #
-# Equal wall time: first each run's training speed is measured (20 steps on 1,280 images, the first left
-# out) and its epochs set to the whole number nearest what MINUTES (default 6) of training hold at that
-# speed, so every cosine schedule ends where its run does; the speeds and epochs are kept in
-# $OUT/epochs.tsv, so a stopped benchmark run again continues each training from its run.pt with the same epochs.
-# Every run: batch 64 (the lr scaled linearly from its per-256 value: at ~50 images/s a batch of 256 gives
-# ~20 steps an epoch), the method's thesis/paper settings otherwise; RESULTS.md lists every setting that
-# differs and why. OUT (default runs/cpu-cifar10), RUNS (default: all, in the order below).
+# Equal wall time: first each run's training speed is measured (20 steps on 1,280 images, the
+# first left out) and its epochs set to the whole number nearest what MINUTES (default 6) of
+# training hold at that speed, so every cosine schedule ends where its run does; the speeds and
+# epochs are kept in $OUT/epochs.tsv, so a stopped benchmark run again continues each training
+# from its run.pt with the same epochs.
+# Every run: batch 64 (the lr scaled linearly from its per-256 value: at ~50 images/s a batch of 256
+# gives ~20 steps an epoch), the method's thesis/paper settings otherwise; RESULTS.md lists every
+# setting that differs and why. OUT (default runs/cpu-cifar10), RUNS (default: all, in the order
+# below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: $0 DATA_DIR}
@@ -25,17 +29,18 @@ MINUTES=${MINUTES:-6}
 OUT=${OUT:-runs/cpu-cifar10}
 if [ -d "$DATA/train" ]; then SRC=(--dataset imagefolder --data-dir "$DATA" --image-size 32)
 else SRC=(--dataset cifar10 --data-dir "$DATA" --download); fi
-COMMON=(--train-subset 5000 --batch-size 64 --log-every 20 --knn-train-subset 5000 --knn-test-subset 2000
-        --online-probe)
+COMMON=(--train-subset 5000 --batch-size 64 --log-every 20 --knn-train-subset 5000
+        --knn-test-subset 2000 --online-probe)
 PROBE=(--protocol linear --train-subset 5000 --test-subset 2000 "${SRC[@]}")
 
-# The CPU recipes of CARL and CARP (RESULTS.md, "Why these hyper-parameters"): LARS, prototypes started
-# larger, lambda near 1, CARP with CARL's views and blocks sized to the batch.
+# The CPU recipes of CARL and CARP (RESULTS.md, "Why these hyper-parameters"): LARS, prototypes
+# started larger, lambda near 1, CARP with CARL's views and blocks sized to the batch.
 # "@F": F times the run's epochs (lambda's decay keeps its share of the run).
-CARL_CPU=(--method carl --optimizer lars --lr 4.8 --weight-decay 1e-6 --final-lr-ratio 1e-3 --num-prototypes 100
-          --proto-init-gain 5 --lam-start 1.5 --lam-end 1 --lam-epochs @1)
-CARP_CPU=(--method carp --views carl --optimizer lars --lr 5.4 --weight-decay 1e-6 --final-lr-ratio 1e-3
-          --num-prototypes 500 --block-size 50 --proto-init-gain 3 --lam-start 0.75 --lam-end 0.5 --lam-epochs @1)
+CARL_CPU=(--method carl --optimizer lars --lr 4.8 --weight-decay 1e-6 --final-lr-ratio 1e-3
+          --num-prototypes 100 --proto-init-gain 5 --lam-start 1.5 --lam-end 1 --lam-epochs @1)
+CARP_CPU=(--method carp --views carl --optimizer lars --lr 5.4 --weight-decay 1e-6
+          --final-lr-ratio 1e-3 --num-prototypes 500 --block-size 50 --proto-init-gain 3
+          --lam-start 0.75 --lam-end 0.5 --lam-epochs @1)
 MULTICROP=(--local-crops 6 --local-size 16)
 declare -A FLAGS=(
     [simclr]="--method simclr"
@@ -54,10 +59,10 @@ declare -A FLAGS=(
     [carp-teacher-multicrop]="${CARP_CPU[*]} --teacher ema ${MULTICROP[*]}"
     [carp-recipe]="--method carp --recipe neurips23"
 )
-# carl-thesis (the thesis's settings at batch 64), simclr-lr4x (SimCLR's lr x4) and carp-recipe (the published
-# CARP, --recipe neurips23, untouched) run only when named in RUNS
-RUNS=${RUNS:-"simclr carl carp byol swav mocov2 carl-teacher carp-teacher carl-multicrop carp-multicrop
-               carl-teacher-multicrop carp-teacher-multicrop"}
+# carl-thesis (the thesis's settings at batch 64), simclr-lr4x (SimCLR's lr x4) and carp-recipe
+# (the published CARP, --recipe neurips23, untouched) run only when named in RUNS
+RUNS=${RUNS:-"simclr carl carp byol swav mocov2 carl-teacher carp-teacher carl-multicrop
+               carp-multicrop carl-teacher-multicrop carp-teacher-multicrop"}
 mkdir -p "$OUT"
 touch "$OUT/epochs.tsv"
 
@@ -70,38 +75,44 @@ flags_for() {  # run name, its epochs -> its train.py flags, each "@F" resolved
     echo "${out[@]}"
 }
 
-for name in $RUNS; do  # 1. each run's speed, and the epochs MINUTES hold (kept: a rerun continues alike)
+# 1. each run's speed, and the epochs MINUTES hold (kept: a rerun continues alike)
+for name in $RUNS; do
     [ -n "${FLAGS[$name]:-}" ] || { echo "unknown run $name" >&2; exit 2; }
     grep -q "^$name	" "$OUT/epochs.tsv" && continue
     rm -rf "$OUT/speed-$name"
     # shellcheck disable=SC2046
-    python train.py $(flags_for "$name" 1) "${SRC[@]}" --train-subset 1280 --batch-size 64 --epochs 1 \
-        --log-every 19 --knn-every 0 --out-dir "$OUT/speed-$name" > "$OUT/speed-$name.out" 2>&1
+    python train.py $(flags_for "$name" 1) "${SRC[@]}" --train-subset 1280 --batch-size 64 \
+        --epochs 1 --log-every 19 --knn-every 0 --out-dir "$OUT/speed-$name" \
+        > "$OUT/speed-$name.out" 2>&1
     python - "$OUT" "$name" "$MINUTES" <<'PY'
 import json, sys
 out, name, minutes = sys.argv[1], sys.argv[2], float(sys.argv[3])
 steps = [json.loads(l) for l in open(f"{out}/speed-{name}/log.jsonl") if '"loss"' in l]
 rate = steps[-1]["img_per_s"]  # images/s over steps 1-19 (the first step left out)
-epochs = max(1, round(minutes * 60 * rate / 5000))  # nearest whole epoch: the table prints the minutes it took
+# nearest whole epoch: the table prints the minutes it took
+epochs = max(1, round(minutes * 60 * rate / 5000))
 open(f"{out}/epochs.tsv", "a").write(f"{name}\t{epochs}\t{rate}\n")
 print(f"{name}: {rate:.1f} images/s -> {epochs} epochs in {minutes:g} min")
 PY
     rm -rf "$OUT/speed-$name"
 done
 
-for name in $RUNS; do  # 2. the trainings, one after the other; the same command continues a stopped one
+# 2. the trainings, one after the other; the same command continues a stopped one
+for name in $RUNS; do
     epochs=$(awk -F'\t' -v n="$name" '$1 == n {print $2}' "$OUT/epochs.tsv")
     mkdir -p "$OUT/$name"
     # shellcheck disable=SC2046
-    python train.py $(flags_for "$name" "$epochs") "${SRC[@]}" "${COMMON[@]}" --epochs "$epochs" --knn-every "$epochs" \
-        --out-dir "$OUT/$name" >> "$OUT/$name/train.out" 2>&1
+    python train.py $(flags_for "$name" "$epochs") "${SRC[@]}" "${COMMON[@]}" --epochs "$epochs" \
+        --knn-every "$epochs" --out-dir "$OUT/$name" >> "$OUT/$name/train.out" 2>&1
 done
 
 first=1
-for name in $RUNS; do  # 3. the linear probe of each run (and, once, of the random init); kept in eval.jsonl
+# 3. the linear probe of each run (and, once, of the random init); kept in eval.jsonl
+for name in $RUNS; do
     grep -qs '"protocol": "linear"' "$OUT/$name/eval.jsonl" && { first=0; continue; }
     random=(); [ "$first" = 1 ] && random=(--random-init)
-    python evaluate.py --ckpt "$OUT/$name/run.pt" "${PROBE[@]}" "${random[@]}" >> "$OUT/$name/eval.out" 2>&1
+    python evaluate.py --ckpt "$OUT/$name/run.pt" "${PROBE[@]}" "${random[@]}" \
+        >> "$OUT/$name/eval.out" 2>&1
     first=0
 done
 
@@ -112,16 +123,18 @@ speed = {l.split("\t")[0]: l.split("\t") for l in open(f"{out}/epochs.tsv")}
 rows = {name: [json.loads(l) for l in open(f"{out}/{name}/eval.jsonl")] for name in names}
 linear = {name: [r for r in recs if r["protocol"] == "linear"] for name, recs in rows.items()}
 init = next(r["top1"] for recs in linear.values() for r in recs if r["random_init"])
-print(f"{'run':24s} {'img/s':>6s} {'epochs':>6s} {'train min':>9s} {'kNN init':>8s} {'kNN end':>7s} "
-      f"{'gain':>6s} {'online':>6s} {'lin init':>8s} {'lin end':>7s} {'gain':>6s}")
+print(f"{'run':24s} {'img/s':>6s} {'epochs':>6s} {'train min':>9s} {'kNN init':>8s} "
+      f"{'kNN end':>7s} {'gain':>6s} {'online':>6s} {'lin init':>8s} {'lin end':>7s} {'gain':>6s}")
 for name in names:
     log = [json.loads(l) for l in open(f"{out}/{name}/log.jsonl")]
     knn, steps = [r for r in log if "knn_top1" in r], [r for r in log if "loss" in r]
     # each continued session's clock starts at 0: add up the last time of every session
-    minutes = sum(a["time"] for a, b in zip(steps, steps[1:] + [{"time": 0}]) if b["time"] < a["time"]) / 60
+    minutes = sum(a["time"] for a, b in zip(steps, steps[1:] + [{"time": 0}])
+                  if b["time"] < a["time"]) / 60
     end = [r for r in linear[name] if not r["random_init"]][-1]["top1"]
     online = knn[-1].get("probe_top1", float("nan"))
     print(f"{name:24s} {float(speed[name][2]):6.1f} {steps[-1]['epoch'] + 1:6d} {minutes:9.1f} "
-          f"{knn[0]['knn_top1']:8.2f} {knn[-1]['knn_top1']:7.2f} {knn[-1]['knn_top1'] - knn[0]['knn_top1']:+6.2f} "
+          f"{knn[0]['knn_top1']:8.2f} {knn[-1]['knn_top1']:7.2f} "
+          f"{knn[-1]['knn_top1'] - knn[0]['knn_top1']:+6.2f} "
           f"{online:6.2f} {init:8.2f} {end:7.2f} {end - init:+6.2f}")
 PY

@@ -316,7 +316,8 @@ def test_only_the_allowed_globals_load(tmp_path):
     args = argparse.Namespace(arch="resnet18", output_dir=pathlib.Path("out"))
     torch.save({"teacher": DDP(multi_crop_wrapper(resnet18(0))).state_dict(), "args": args},
                tmp_path / "path.pth")
-    with pytest.raises(SystemExit, match=r"^error: cannot read checkpoint .*path\.pth: it holds pathlib\.\w*Path beside"):
+    with pytest.raises(SystemExit, match=r"^error: cannot read checkpoint .*path\.pth: it holds "
+                                         r"pathlib\.\w*Path beside"):
         checkpoints.read_backbone(str(tmp_path / "path.pth"))
 
 

@@ -1,5 +1,6 @@
 """Tests for evaluate.py: the pure pieces on synthetic features, then the CLI end to end on a tiny
-checkpoint from a 1-epoch `synthetic` training run. CPU only; python -m pytest -q tests/test_evaluate.py"""
+checkpoint from a 1-epoch `synthetic` training run. CPU only;
+python -m pytest -q tests/test_evaluate.py"""
 import argparse
 import json
 import multiprocessing
@@ -29,13 +30,16 @@ def image_tree(root, px, per_class=3):
         for c in ("a", "b"):
             os.makedirs(root / split / c)
             for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.png")
     return root
 
 
 def blobs(num_classes, per_class, dim=32, seed=0, spread=0.3):
-    """Well-separated Gaussian clusters: (feats (N, dim), labels (N,)); the same centres for every seed."""
-    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))  # (C, dim)
+    """Well-separated Gaussian clusters: (feats (N, dim), labels (N,)); the same centres for every
+    seed."""
+    centres = torch.randn(num_classes, dim,
+                          generator=torch.Generator().manual_seed(123))  # (C, dim)
     labels = torch.arange(num_classes).repeat_interleave(per_class)  # (N,)
     noise = torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(seed))  # (N, dim)
     return centres[labels] + spread * noise, labels
@@ -50,23 +54,29 @@ def test_knn_separable_and_shuffled_labels():
     assert scores.shape == (100, 10)
     assert evaluate.topk_accuracy(scores, test_labels)[0] == 100.0
     # chunking changes nothing (7 queries at a time vs all at once)
-    whole = evaluate.knn_classify(train_feats, train_labels, test_feats, 10, k=20, T=0.07, chunk=1000)
+    whole = evaluate.knn_classify(train_feats, train_labels, test_feats, 10, k=20, T=0.07,
+                                  chunk=1000)
     torch.testing.assert_close(scores, whole)
     # k larger than the bank is capped, not an error
-    assert evaluate.knn_classify(train_feats, train_labels, test_feats, 10, k=5000).shape == (100, 10)
+    assert evaluate.knn_classify(train_feats, train_labels, test_feats, 10,
+                                 k=5000).shape == (100, 10)
 
-    shuffled = train_labels[torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(0))]
-    top1, _ = evaluate.topk_accuracy(evaluate.knn_classify(train_feats, shuffled, test_feats, 10, k=20), test_labels)
+    shuffled = train_labels[torch.randperm(len(train_labels),
+                                           generator=torch.Generator().manual_seed(0))]
+    top1, _ = evaluate.topk_accuracy(
+        evaluate.knn_classify(train_feats, shuffled, test_feats, 10, k=20), test_labels)
     assert top1 < 30  # chance is 10
 
 
 def test_knn_votes_are_temperature_weighted():
-    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # one vote for class 0, two for class 1
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # one vote for class 0, two for 1
     labels = torch.tensor([0, 1, 1])
     query = torch.tensor([[1.0, 0.2]])  # much closer to the class-0 vector
     scores = evaluate.knn_classify(bank, labels, query, 2, k=3, T=0.07)  # (1, 2)
-    cos = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T  # (1, 3)
-    torch.testing.assert_close(scores, torch.stack([(cos[:, 0] / 0.07).exp(), 2 * (cos[:, 1] / 0.07).exp()], 1))
+    cos = (torch.nn.functional.normalize(query, dim=1)
+           @ torch.nn.functional.normalize(bank, dim=1).T)  # (1, 3)
+    torch.testing.assert_close(scores, torch.stack([(cos[:, 0] / 0.07).exp(),
+                                                    2 * (cos[:, 1] / 0.07).exp()], 1))
     assert scores.argmax().item() == 0  # a majority vote would say 1
 
 
@@ -83,7 +93,8 @@ def test_topk_accuracy_hand_made():
 
 
 def test_balanced_subsets_counts_and_seeds():
-    labels = torch.cat([torch.full((20 + 3 * c,), c) for c in range(10)])  # unbalanced: 20..47 per class
+    # unbalanced: 20..47 per class
+    labels = torch.cat([torch.full((20 + 3 * c,), c) for c in range(10)])
     a = data.balanced_subset(labels, 7, seed=0)
     assert torch.bincount(labels[a], minlength=10).tolist() == [7] * 10
     assert len(a.unique()) == 70
@@ -94,7 +105,8 @@ def test_balanced_subsets_counts_and_seeds():
 def test_semi_subset_is_saved_and_reused(tmp_path):
     full = data.build_dataset("synthetic", "train")  # 2000 images, 200 per class
     labels = data.targets(full)
-    args = argparse.Namespace(ckpt=str(tmp_path / "run.pt"), dataset="synthetic", train_subset=None, subset_seed=0)
+    args = argparse.Namespace(ckpt=str(tmp_path / "run.pt"), dataset="synthetic",
+                              train_subset=None, subset_seed=0)
     pos, path = evaluate.semi_subset(full, labels, 0.10, args)
     assert path == str(tmp_path / f"subset_synthetic_10pct_seed0_{data.fingerprint(full)}.txt")
     assert torch.bincount(labels[pos]).tolist() == [20] * 10
@@ -186,7 +198,8 @@ def test_progress_is_throttled_by_time(monkeypatch, capsys):
     ticks = iter([0, 5, 25, 30, 31])  # start, then after each of 4 steps (seconds)
     monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))
     assert list(evaluate.progress(range(4), "x: epoch")) == [0, 1, 2, 3]
-    # step 1 (5 s) is too soon; step 2 (25 s) prints; step 3 (30 s) is too soon; the last always follows
+    # step 1 (5 s) is too soon; step 2 (25 s) prints; step 3 (30 s) is too soon;
+    # the last always follows
     assert capsys.readouterr().out.splitlines() == ["x: epoch 2/4, 0.4 min, eta 0.4 min",
                                                     "x: epoch 4/4, 0.5 min, eta 0.0 min"]
     ticks = iter([0, 1, 2])
@@ -196,12 +209,13 @@ def test_progress_is_throttled_by_time(monkeypatch, capsys):
 
 def test_linear_epochs_default_100_or_50_on_transfer():
     def epochs(argv, stored):
-        return evaluate.resolve(evaluate.parse_args(["--ckpt", "x", *argv]), stored, {}).linear_epochs
+        return (evaluate.resolve(evaluate.parse_args(["--ckpt", "x", *argv]), stored, {})
+                .linear_epochs)
 
     assert epochs([], {"dataset": "cifar10"}) == 100
     assert epochs(["--dataset", "cifar100"], {"dataset": "cifar10"}) == 50  # thesis 5.7.2
     assert epochs(["--dataset", "cifar100", "--linear-epochs", "7"], {"dataset": "cifar10"}) == 7
-    assert epochs(["--dataset", "cifar100"], {}) == 100  # a backbone.pt: pretraining dataset unknown
+    assert epochs(["--dataset", "cifar100"], {}) == 100  # backbone.pt: pretraining dataset unknown
 
 
 # ---------------------------------------------------------------- CLI end to end
@@ -210,8 +224,8 @@ def test_linear_epochs_default_100_or_50_on_transfer():
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     # 120, not 128: train.py asks for a multiple of the 10 classes
-    train.main(["--epochs", "1", "--train-subset", "120", "--batch-size", "32", "--workers", "0", "--knn-every", "0",
-                "--out-dir", str(out)])
+    train.main(["--epochs", "1", "--train-subset", "120", "--batch-size", "32", "--workers", "0",
+                "--knn-every", "0", "--out-dir", str(out)])
     return out
 
 
@@ -222,12 +236,14 @@ def read_records(path):
 
 def test_end_to_end_all_protocols(run_dir, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0)  # a progress line after every step
-    # a clock 1 s later at every reading: "seconds" is measured, > 0 however fast this machine (a GPU
-    # extracts these features in milliseconds, which round to 0.0)
+    # a clock 1 s later at every reading: "seconds" is measured, > 0 however fast this machine (a
+    # GPU extracts these features in milliseconds, which round to 0.0)
     clock = iter(range(10 ** 9))
-    monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(time=lambda: next(clock), monotonic=time.monotonic))
-    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", "semi", "finetune",
-                             "--linear-epochs", "5", "--finetune-epochs", "1", *TINY])
+    monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(time=lambda: next(clock),
+                                                                monotonic=time.monotonic))
+    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear",
+                             "semi", "finetune", "--linear-epochs", "5", "--finetune-epochs", "1",
+                             *TINY])
     out = capsys.readouterr().out
     rows = ["knn k=50", "knn k=20", "linear", "semi 1%", "semi 10%", "finetune 100%"]  # k <= 50
     table = out[out.index("\nprotocol"):]
@@ -261,11 +277,13 @@ def test_end_to_end_all_protocols(run_dir, capsys, monkeypatch):
 def test_backbone_pt_loads_with_stem_detected(run_dir, capsys):
     knn = ["--protocol", "knn", "--knn-k", "20", *TINY]
     from_run = evaluate.main(["--ckpt", str(run_dir / "run.pt"), *knn])
-    from_backbone = evaluate.main(["--ckpt", str(run_dir / "backbone.pt"), "--dataset", "synthetic", *knn])
+    from_backbone = evaluate.main(["--ckpt", str(run_dir / "backbone.pt"),
+                                   "--dataset", "synthetic", *knn])
     assert from_backbone == from_run  # same weights, same numbers
     record = read_records(run_dir / "eval.jsonl")[-1]
     assert record["pretrain_dataset"] is None and record["ckpt_epoch"] is None
-    assert record["settings"]["cifar_stem"] is True and record["settings"]["image_size"] == data.SYNTHETIC_PX
+    assert (record["settings"]["cifar_stem"] is True
+            and record["settings"]["image_size"] == data.SYNTHETIC_PX)
     assert "pretrained on unknown" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="does not fit --arch resnet18 without the cifar stem"):
         evaluate.main(["--ckpt", str(run_dir / "backbone.pt"), "--no-cifar-stem", *knn])
@@ -273,9 +291,9 @@ def test_backbone_pt_loads_with_stem_detected(run_dir, capsys):
 
 @pytest.mark.parametrize("loader", ["device", "workers"])
 def test_thesis_probe_linear_aug(run_dir, capsys, monkeypatch, loader):
-    """linear-aug: crop/flip views (made on the device, or by PIL in the loader's processes) through the
-    frozen backbone, which stays in eval mode (its BatchNorm statistics untouched), recorded as its own
-    protocol beside the fast probe."""
+    """linear-aug: crop/flip views (made on the device, or by PIL in the loader's processes)
+    through the frozen backbone, which stays in eval mode (its BatchNorm statistics untouched),
+    recorded as its own protocol beside the fast probe."""
     built = []
     build = evaluate.build_backbone
 
@@ -287,9 +305,10 @@ def test_thesis_probe_linear_aug(run_dir, capsys, monkeypatch, loader):
     monkeypatch.setattr(evaluate, "build_backbone", keep_copy)
     monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0)
     device_views, train_view = [], augment.batch_train_view
-    monkeypatch.setattr(augment, "batch_train_view", lambda *a: device_views.append(a) or train_view(*a))
-    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "linear", "linear-aug",
-                             "--linear-epochs", "2", "--loader", loader, *TINY])
+    monkeypatch.setattr(augment, "batch_train_view",
+                        lambda *a: device_views.append(a) or train_view(*a))
+    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "linear",
+                             "linear-aug", "--linear-epochs", "2", "--loader", loader, *TINY])
     assert [r[1] for r in results] == ["linear", "linear-aug"]
     assert len(device_views) == (loader == "device")  # the crops were made where the loader says
     records = read_records(run_dir / "eval.jsonl")[-2:]
@@ -298,14 +317,17 @@ def test_thesis_probe_linear_aug(run_dir, capsys, monkeypatch, loader):
     assert "\ntrained linear-aug: epoch 2/2, " in capsys.readouterr().out
     (net, before), = built
     for key, value in net.state_dict().items():
-        assert torch.equal(value, before[key]), key  # running_mean, running_var, num_batches_tracked too
+        # running_mean, running_var, num_batches_tracked too
+        assert torch.equal(value, before[key]), key
 
 
 def test_device_and_workers_loaders_agree(run_dir, capsys):
     """The same eval views either way (batched on the device, PIL in workers): the same kNN results,
     and linear probes within one test image of each other (2 points of 50)."""
-    argv = ["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", "--linear-epochs", "3", *TINY]
-    device, workers = evaluate.main([*argv, "--loader", "device"]), evaluate.main([*argv, "--loader", "workers"])
+    argv = ["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear",
+            "--linear-epochs", "3", *TINY]
+    device, workers = (evaluate.main([*argv, "--loader", "device"]),
+                       evaluate.main([*argv, "--loader", "workers"]))
     assert "cpu, device loader" in capsys.readouterr().out
     assert [r[1] for r in device] == [r[1] for r in workers] == ["knn k=50", "knn k=20", "linear"]
     assert [r[2:] for r in device[:2]] == [r[2:] for r in workers[:2]]
@@ -322,36 +344,45 @@ def test_loaders_agree_on_a_tree_of_mixed_sizes(run_dir, tmp_path, capsys, monke
             for i, (h, w) in enumerate([(84, 120), (110, 90), (96, 97)]):
                 pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / "mixed" / split / c / f"{i}.png")
-    argv = ["--ckpt", str(run_dir / "backbone.pt"), "--dataset", "imagefolder", "--data-dir", str(tmp_path / "mixed"),
-            "--image-size", "80", "--protocol", "knn", "--knn-k", "3", "--workers", "0"]
-    device, workers = evaluate.main([*argv, "--loader", "device"]), evaluate.main([*argv, "--loader", "workers"])
+    argv = ["--ckpt", str(run_dir / "backbone.pt"), "--dataset", "imagefolder",
+            "--data-dir", str(tmp_path / "mixed"), "--image-size", "80", "--protocol", "knn",
+            "--knn-k", "3", "--workers", "0"]
+    device, workers = (evaluate.main([*argv, "--loader", "device"]),
+                       evaluate.main([*argv, "--loader", "workers"]))
     assert [r[2:] for r in device] == [r[2:] for r in workers]
     # linear-aug crops whole images, as PIL's train_view does, not the held squares
-    monkeypatch.setattr(augment, "batch_train_view", lambda *a: pytest.fail("crops made on the device"))
-    evaluate.main([*argv[:8], "--protocol", "linear-aug", "--linear-epochs", "1", "--workers", "0"])  # no knn flags
-    assert "linear-aug: the held images (91x91 px) are not the files' own" in capsys.readouterr().out
+    monkeypatch.setattr(augment, "batch_train_view",
+                        lambda *a: pytest.fail("crops made on the device"))
+    evaluate.main([*argv[:8], "--protocol", "linear-aug", "--linear-epochs", "1",
+                   "--workers", "0"])  # no knn flags
+    assert ("linear-aug: the held images (91x91 px) are not the files' own"
+            in capsys.readouterr().out)
 
 
 def test_linear_aug_on_images_larger_than_the_input_uses_pil(run_dir, capsys, monkeypatch):
     """The batched crop does not antialias when it shrinks: 20 px synthetic images probed at 16 px
     get linear-aug's views from PIL, said in one line."""
-    monkeypatch.setattr(augment, "batch_train_view", lambda *a: pytest.fail("crops made on the device"))
-    evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "linear-aug", "--linear-epochs", "1",
-                   "--image-size", "16", *TINY])
-    assert "linear-aug: the held images (20x20 px) are not the files' own or are larger than 16 px" in \
-        capsys.readouterr().out
+    monkeypatch.setattr(augment, "batch_train_view",
+                        lambda *a: pytest.fail("crops made on the device"))
+    evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "linear-aug",
+                   "--linear-epochs", "1", "--image-size", "16", *TINY])
+    assert ("linear-aug: the held images (20x20 px) are not the files' own or are larger than "
+            "16 px" in capsys.readouterr().out)
 
 
 def test_device_loader_refuses_a_split_that_does_not_fit(run_dir, monkeypatch):
     monkeypatch.setattr(os, "sysconf", lambda name: 1000)  # ~0.5 MB of "free memory"
-    with pytest.raises(SystemExit, match=r"synthetic train needs .* GiB held whole; use --loader workers"):
+    with pytest.raises(SystemExit,
+                       match=r"synthetic train needs .* GiB held whole; use --loader workers"):
         evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "--workers", "0"])
 
 
 def test_image_size_from_what_it_knows(run_dir, tmp_path, capsys):
-    """--image-size, else a run.pt's training size, else the images' own size when they are small or
-    the stem is the cifar one, else the dataset's default; warned when images get resized over 2x."""
-    small, large = image_tree(tmp_path / "small", 32), image_tree(tmp_path / "large", 72, per_class=2)
+    """--image-size, else a run.pt's training size, else the images' own size when they are small
+    or the stem is the cifar one, else the dataset's default; warned when images get resized over
+    2x."""
+    small, large = (image_tree(tmp_path / "small", 32),
+                    image_tree(tmp_path / "large", 72, per_class=2))
     knn = ["--dataset", "imagefolder", "--protocol", "knn", "--knn-k", "3", "--workers", "0"]
 
     def first_line_and_warning(ckpt, data_dir, *argv):
@@ -361,19 +392,23 @@ def test_image_size_from_what_it_knows(run_dir, tmp_path, capsys):
 
     # the user report: a cifar-stem backbone.pt over 32 px images runs at 32 px, not the 224 default
     line, err = first_line_and_warning(run_dir / "backbone.pt", small)
-    assert "cifar stem" in line and "on imagefolder at 32 px (the images' own size)" in line and err == ""
+    assert ("cifar stem" in line and "on imagefolder at 32 px (the images' own size)" in line
+            and err == "")
     assert read_records(run_dir / "eval.jsonl")[-1]["settings"]["image_size"] == 32
     line, err = first_line_and_warning(run_dir / "backbone.pt", small, "--image-size", "80")
     assert "at 80 px (--image-size)" in line
     assert err.startswith("warning: the images are 32x32 px") and "resized 2.5x to 80 px" in err
-    line, err = first_line_and_warning(run_dir / "backbone.pt", large)  # not small, but the cifar stem
+    # not small, but the cifar stem
+    line, err = first_line_and_warning(run_dir / "backbone.pt", large)
     assert "at 72 px (the images' own size)" in line and err == ""
     # a run.pt: its training size (synthetic's), whatever the images
     line, err = first_line_and_warning(run_dir / "run.pt", large)
     px = data.SYNTHETIC_PX
-    assert f"at {px} px (the checkpoint's training size)" in line and f"resized {px / 72:.2g}x to {px} px" in err
+    assert (f"at {px} px (the checkpoint's training size)" in line
+            and f"resized {px / 72:.2g}x to {px} px" in err)
     # an imagenet-stem backbone.pt over large images: the dataset's default
-    torch.save(models.build_backbone("resnet18", False)[0].state_dict(), tmp_path / "imagenet_stem.pt")
+    torch.save(models.build_backbone("resnet18", False)[0].state_dict(),
+               tmp_path / "imagenet_stem.pt")
     line, err = first_line_and_warning(tmp_path / "imagenet_stem.pt", large)
     assert "imagenet stem" in line and "at 224 px (the imagefolder default)" in line
     assert err.startswith("warning: the images are 72x72 px") and "resized 3.1x" in err
@@ -381,17 +416,18 @@ def test_image_size_from_what_it_knows(run_dir, tmp_path, capsys):
 
 def test_transfer_probe_trains_50_epochs(run_dir, tmp_path, capsys):
     tree = image_tree(tmp_path / "tree", 32)
-    evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--dataset", "imagefolder", "--data-dir", str(tree),
-                   "--protocol", "linear", "--workers", "0"])
+    evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--dataset", "imagefolder",
+                   "--data-dir", str(tree), "--protocol", "linear", "--workers", "0"])
     assert "linear probes 50 epochs (transfer)" in capsys.readouterr().out.splitlines()[0]
     record = read_records(run_dir / "eval.jsonl")[-1]
-    assert (record["pretrain_dataset"], record["dataset"], record["protocol"]) == ("synthetic", "imagefolder", "linear")
+    assert (record["pretrain_dataset"], record["dataset"], record["protocol"]) == (
+        "synthetic", "imagefolder", "linear")
     assert record["settings"]["epochs"] == 50
 
 
 def test_random_init_column(run_dir, capsys):
-    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "--knn-k", "20", "--random-init",
-                             *TINY])
+    results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn",
+                             "--knn-k", "20", "--random-init", *TINY])
     header, row = capsys.readouterr().out.split("\nprotocol")[1].splitlines()[:2]
     assert "trained top-1" in header and "random-init top-1" in header
     assert row.split()[:2] == ["knn", "k=20"] and len(row.split()) == 6
@@ -400,7 +436,8 @@ def test_random_init_column(run_dir, capsys):
     assert [r[0] for r in results] == ["trained", "random-init"]
     # seed-0 init is the network train.py started from, so after one epoch the weights differ
     state, *_ = evaluate.load_weights(str(run_dir / "run.pt"))
-    args = evaluate.resolve(evaluate.parse_args(["--ckpt", "x"]), {"arch": "resnet18", "cifar_stem": True}, state)
+    args = evaluate.resolve(evaluate.parse_args(["--ckpt", "x"]),
+                            {"arch": "resnet18", "cifar_stem": True}, state)
     trained, _ = evaluate.build_backbone(args, state, torch.device("cpu"))
     untrained, _ = evaluate.build_backbone(args, None, torch.device("cpu"))
     assert not torch.equal(trained.conv1.weight, untrained.conv1.weight)
@@ -431,13 +468,15 @@ def test_corrupt_checkpoints(tmp_path, run_dir):
 
 
 def test_unknown_protocol(run_dir):
-    message = "^error: unknown --protocol 'kmeans'; choose from knn, linear, linear-aug, semi, finetune$"
+    message = ("^error: unknown --protocol 'kmeans'; choose from knn, linear, linear-aug, semi, "
+               "finetune$")
     with pytest.raises(SystemExit, match=message):
         evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "kmeans"])
 
 
 def test_subset_not_a_multiple_of_the_classes(run_dir):
-    with pytest.raises(SystemExit, match=r"^error: --test-subset 55 is not a multiple of the 10 classes$"):
+    with pytest.raises(SystemExit,
+                       match=r"^error: --test-subset 55 is not a multiple of the 10 classes$"):
         evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--test-subset", "55", "--workers", "0"])
 
 
@@ -451,13 +490,16 @@ def test_missing_labels(run_dir, monkeypatch):
         return ds
 
     monkeypatch.setattr(data, "build_dataset", unlabelled_train)
-    with pytest.raises(SystemExit, match="2000 of the 2000 images of its train split have no label"):
+    with pytest.raises(SystemExit,
+                       match="2000 of the 2000 images of its train split have no label"):
         evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--workers", "0"])
 
 
 def test_missing_transfer_dataset(run_dir, tmp_path):
-    with pytest.raises(SystemExit, match="^error: CIFAR100 not found: expected cifar-100-python/.* pass --download"):
-        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--dataset", "cifar100", "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="^error: CIFAR100 not found: expected "
+                                         "cifar-100-python/.* pass --download"):
+        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--dataset", "cifar100",
+                       "--data-dir", str(tmp_path)])
 
 
 
@@ -620,8 +662,8 @@ def test_ctrl_c_is_one_line_and_keeps_the_results(run_dir, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "train_linear", interrupted)  # Ctrl-C during the linear probe
     log = run_dir / "eval.jsonl"
     before = log.read_text().count("\n") if log.exists() else 0
-    with pytest.raises(SystemExit, match=r"^error: stopped by Ctrl-C; the results printed above are "
-                                         r"in eval.jsonl$"):
+    with pytest.raises(SystemExit, match=r"^error: stopped by Ctrl-C; the results printed above "
+                                         r"are in eval.jsonl$"):
         evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", *TINY])
     assert "trained knn k=" in capsys.readouterr().out  # kNN came first: printed and logged
     assert log.read_text().count("\n") > before

@@ -52,14 +52,16 @@ def test_resnet18_cifar_stem_32px_shapes(method):
     assert m.backbone(x).shape == (4, 512)
     assert m.head(m.backbone(x)).shape == (4, 128)
     z, out = m([x, x[:, :, :16, :16], x[:, :, :16, :16]])  # a global view and two local ones
-    assert [tuple(t.shape) for t in z] == [(4, 128)] * 3 and [tuple(t.shape) for t in out] == [(4, 37)] * 3
+    assert ([tuple(t.shape) for t in z] == [(4, 128)] * 3
+            and [tuple(t.shape) for t in out] == [(4, 37)] * 3)
     assert m.backbone.conv1.kernel_size == (3, 3) and m.backbone.conv1.stride == (1, 1)
     assert isinstance(m.backbone.maxpool, nn.Identity)
     assert isinstance(m.backbone.fc, nn.Identity)
 
 
 def imagenet_stem_224px(method, arch, num_prototypes, batch):
-    """(model, logits, layer4 output shape) of an eval-mode model without the CIFAR stem at 224 px."""
+    """(model, logits, layer4 output shape) of an eval-mode model without the CIFAR stem at
+    224 px."""
     torch.manual_seed(0)
     m = model_of(method, num_prototypes, arch, cifar_stem=False).eval()
     with torch.no_grad():
@@ -80,7 +82,8 @@ def test_resnet50_224px_shapes_and_widths():
     assert logits.shape == (1, 30)
     assert s4 == (1, 2048, 7, 7)
     linears = [mod for mod in m.head if isinstance(mod, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(2048, 2048), (2048, 2048), (2048, 128)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(2048, 2048), (2048, 2048),
+                                                                  (2048, 128)]
     assert m.out[0].in_features == 128 and m.out[0].out_features == 2048
 
 
@@ -105,7 +108,8 @@ def test_channels_last(method):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     # and a training step works in channels_last
     m.train()
-    loss = m([torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)])[1][0].logsumexp(1).mean()
+    loss = (m([torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)])[1][0]
+            .logsumexp(1).mean())
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
@@ -132,9 +136,11 @@ def test_carp_assigner_is_mlp_with_batchnorm():
 def test_projection_head_resnet18():
     m = model_of("carl", 10)
     kinds = [type(mod) for mod in m.head]
-    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU,
+                     nn.Linear]
     linears = [mod for mod in m.head if isinstance(mod, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(512, 512), (512, 512), (512, 128)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(512, 512), (512, 512),
+                                                                  (512, 128)]
     assert models.EMBED_DIM == 128
 
 
@@ -182,12 +188,14 @@ def test_proto_init_gain_scales_only_the_prototypes(method):
 
 # ---------------------------------------------------------------- the other methods' last parts
 
-@pytest.mark.parametrize("method,out_dim", [("simclr", 128), ("mocov2", 128), ("byol", 128), ("swav", 30)])
+@pytest.mark.parametrize("method,out_dim", [("simclr", 128), ("mocov2", 128), ("byol", 128),
+                                            ("swav", 30)])
 def test_baselines_last_parts(method, out_dim):
     torch.manual_seed(0)
     m = model_of(method, 30)
     z, out = m([torch.randn(4, 3, 16, 16)] * 2)
-    assert [tuple(t.shape) for t in z] == [(4, 128)] * 2 and [tuple(t.shape) for t in out] == [(4, out_dim)] * 2
+    assert ([tuple(t.shape) for t in z] == [(4, 128)] * 2
+            and [tuple(t.shape) for t in out] == [(4, out_dim)] * 2)
     if method in ("simclr", "mocov2"):  # the loss takes z itself
         assert isinstance(m.out, nn.Identity) and torch.equal(z[0], out[0]) and m.prototypes is None
     if method == "byol":  # thesis 5.8.5: the predictor has the projection head's shape
@@ -207,11 +215,13 @@ def test_published_head_and_unit_prototypes(method):
     assert [type(l) for l in m.head] == [nn.Linear, nn.BatchNorm1d, nn.GELU] * 2 + [nn.Linear]
     assert [(l.in_features, l.out_features) for l in m.head if isinstance(l, nn.Linear)] == \
         [(512, 2048), (2048, 2048), (2048, 256)]
-    assert m.out is m.prototypes and isinstance(m.out, models.UnitPrototypes)  # the head ends in the prototypes
+    # the head ends in the prototypes
+    assert m.out is m.prototypes and isinstance(m.out, models.UnitPrototypes)
     x = torch.randn(4, 3, 16, 16)
     z, out = m([x])
     # logits are <z, c / |c|>: each at most |z|, and scaling a prototype's weights changes nothing
-    torch.testing.assert_close(out[0], z[0] @ torch.nn.functional.normalize(m.prototypes.weight, dim=1).T)
+    torch.testing.assert_close(out[0],
+                               z[0] @ torch.nn.functional.normalize(m.prototypes.weight, dim=1).T)
     assert (out[0].abs() <= z[0].norm(dim=1, keepdim=True) + 1e-4).all()
     with torch.no_grad():
         m.prototypes.weight[:5] *= 7.0
@@ -219,14 +229,16 @@ def test_published_head_and_unit_prototypes(method):
 
 
 def test_published_head_init_and_zero_init_residual():
-    """The official CARP code's inits: its head's weights from a normal of std 0.02 cut at +-2, biases
-    0; its ResNet's residual branches end in a BatchNorm at 0 (every block starts as identity)."""
+    """The official CARP code's inits: its head's weights from a normal of std 0.02 cut at +-2,
+    biases 0; its ResNet's residual branches end in a BatchNorm at 0 (every block starts as
+    identity)."""
     torch.manual_seed(0)
     m = model_of("carp", 40, head="neurips23", prototypes="unit", zero_init_residual=True)
     for layer in (l for l in m.head if isinstance(l, nn.Linear)):
         assert layer.weight.std().item() == pytest.approx(0.02, rel=0.05)
         assert layer.weight.abs().max() <= 2 and (layer.bias is None or not layer.bias.any())
-    assert all(not b.bn2.weight.any() for layer in (m.backbone.layer1, m.backbone.layer4) for b in layer)
+    assert all(not b.bn2.weight.any()
+               for layer in (m.backbone.layer1, m.backbone.layer4) for b in layer)
     thesis = model_of("carp", 40)  # the thesis's: PyTorch's inits
     assert thesis.head[0].weight.std().item() > 0.02 and thesis.backbone.layer1[0].bn2.weight.all()
 
@@ -253,7 +265,8 @@ def test_ema_teacher_update_and_no_gradient():
 
 
 def test_teacher_bn_groups_normalise_shuffled_subsets():
-    """MoCo's shuffled BN: each group of the shuffled batch is normalised on its own, then put back in order."""
+    """MoCo's shuffled BN: each group of the shuffled batch is normalised on its own, then put back
+    in order."""
     torch.manual_seed(0)
     student = model_of("mocov2")
     x = torch.randn(8, 3, 16, 16)
@@ -265,9 +278,11 @@ def test_teacher_bn_groups_normalise_shuffled_subsets():
         by_hand[idx] = grouped.net([x[idx]])[0][0]
     torch.testing.assert_close(z[0], by_hand, rtol=1e-4, atol=1e-4)  # one forward: other float sums
     whole, _ = models.EMATeacher(student)([x])
-    assert not torch.allclose(z[0], whole[0], atol=1e-3)  # the statistics really differ from the whole batch's
-    assert torch.equal(grouped([x], seed=3)[0][0], z[0]) and not torch.equal(grouped([x], seed=4)[0][0], z[0])
-    # a batch no larger than a group still goes in two groups (one would be the query batch's statistics again)
+    assert not torch.allclose(z[0], whole[0], atol=1e-3)  # statistics differ from the whole batch's
+    assert (torch.equal(grouped([x], seed=3)[0][0], z[0])
+            and not torch.equal(grouped([x], seed=4)[0][0], z[0]))
+    # a batch no larger than a group still goes in two groups (one would be the query batch's
+    # statistics again)
     small, _ = models.EMATeacher(student, bn_group=32)([x], seed=3)
     torch.testing.assert_close(small[0], z[0])
 
