@@ -54,7 +54,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 # argparse types: each flag's range is checked at parse time, in one line
 POSITIVE_INT, COUNT, SEED = evaluate.positive_int, evaluate.nonnegative_int, evaluate.seed_int
-POSITIVE, NONNEGATIVE, UNIT = evaluate.positive_float, evaluate.nonnegative_float, evaluate.unit_float
+POSITIVE, NONNEGATIVE = evaluate.positive_float, evaluate.nonnegative_float
+UNIT = evaluate.unit_float
 CROPS = evaluate.ranged(int, "2 or more: each global crop is the target of another view",
                         lambda v: v >= 2)
 
