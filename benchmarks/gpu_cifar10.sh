@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU scenario (thesis table 5.2 protocol): ResNet-18 (CIFAR stem), the full CIFAR-10 train split,
-# batch 256, 200 epochs, the thesis defaults for METHOD, train.py's kNN monitor every 10 epochs
+# batch 256, 200 epochs, the thesis defaults for METHOD, train.py's kNN monitor every 50 epochs
 # (train split as the bank, test split as queries); then kNN, the fast linear probe and the
 # thesis's linear protocol (linear-aug) with evaluate.py.
 #
@@ -38,7 +38,7 @@ esac
 
 status=0
 timeout --preserve-status --signal=TERM --kill-after=120 "${MINUTES}m" \
-    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 10 \
+    python train.py "${FLAGS[@]}" "${SRC[@]}" --batch-size 256 --epochs 200 --knn-every 50 \
     --ckpt-every-epochs 10 --ckpt-every-min 3 \
     --out-dir "$RUN" "$@" \
     || status=$?

@@ -1,43 +1,95 @@
 #!/usr/bin/env bash
-# One device session of the GPU plan (RESULTS.md, "GPU scenario"): table 5.2's protocol run by
-# benchmarks/gpu_cifar10.sh for each method in turn (train 200 epochs, then kNN, linear and
-# linear-aug), in order of priority, within this call's MINUTES (default 9: a device call may
-# last 10). What does not fit stops with its run.pt written; the same command in the next call
-# continues where this one stopped, and a run already evaluated is skipped. Then, if time is
-# left, the throughput of each method.
+# One GPU window of table 5.2 (RESULTS.md, "Table 5.2 on the GPU"): each pair of PAIRS (default
+# "carl+simclr") runs side by side on the one GPU, two train.py processes by
+# benchmarks/gpu_cifar10.sh (200 epochs, then kNN, linear, linear-aug), under CUDA MPS where
+# nvidia-cuda-mps-control exists (a daemon of this user's, quit at the end; the device's settings
+# are left alone); a single name ("carp") runs alone. A window lends 15 minutes, a call at most
+# 10, and the machine stays warm 30 s between calls: so the session runs detached and the next
+# call collects it.
 #
-#   MINUTES=9 bash benchmarks/gpu_session.sh data/cifar10   # on the device: data/ carried along
-#   MINUTES=3 METHODS="carl simclr" RUNS=/tmp/g EVAL_FLAGS="--train-subset 500 --test-subset 200 \
-#       --linear-epochs 1" bash benchmarks/gpu_session.sh ../shared/data/cifar10 --epochs 1 \
-#       --train-subset 512                                  # the CPU smoke run of the same script
+#   bash benchmarks/gpu_session.sh start data/cifar10 [train.py flags]   # call 1: start, wait 9 min
+#   bash benchmarks/gpu_session.sh wait 300                              # call 2 (within 30 s)
+#   PAIRS="carl" MINUTES=2 RUNS=/tmp/g EVAL_FLAGS="--train-subset 500 --test-subset 200 \
+#       --linear-epochs 1" bash benchmarks/gpu_session.sh run ../shared/data/cifar10 --epochs 1 \
+#       --train-subset 512                                              # CPU smoke, in the foreground
+#
+# start: unpacks data/cifar10.tgz when the folder is missing (60,000 files do not travel; one
+# 20 MB archive does), starts `run` under setsid (it outlives the call), then waits as `wait`.
+# wait [SECONDS, default 540]: prints progress every 30 s until the session ends or SECONDS pass,
+# and copies the session log, each run's log.jsonl / eval.jsonl and nvidia-smi samples into $OUT
+# (the device tool's folder that comes back) when set. MINUTES (default 12) caps each run's
+# training: what does not fit stops with run.pt written (the same command continues it on a
+# machine that still has it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:?usage: $0 DATA_DIR [train.py flags]}
+RUNS=${RUNS:-runs/gpu-cifar10}
+LOG=$RUNS/session.log
+mode=${1:?usage: $0 start|run DATA_DIR [train.py flags] | wait [SECONDS]}
 shift
-MINUTES=${MINUTES:-9}
-METHODS=${METHODS:-"carl carp simclr swav carp-neurips23"}
-end=$(python -c "import time; print(time.time() + 60 * $MINUTES)")
-left() { python -c "import time; print(round(($end - time.time()) / 60, 2))"; }
 
-for method in $METHODS; do
-    minutes=$(left)
-    if python -c "import sys; sys.exit(float('$minutes') >= 1)"; then
-        echo "gpu-session: $(left) min left; stopping before $method (the same command continues)"
-        exit 0
+collect() {  # the session's results into $OUT, flat (the tool brings back 2 folders down at most)
+    [ -n "${OUT:-}" ] || return 0
+    cp "$LOG" "$RUNS"/smi.txt "$OUT"/ 2>/dev/null || true
+    for run in "$RUNS"/*/; do
+        name=$(basename "$run")
+        for f in log.jsonl eval.jsonl train.out; do
+            [ -f "$run$f" ] && cp "$run$f" "$OUT/$name.$f"
+        done
+    done
+    return 0
+}
+
+case $mode in
+run)
+    DATA=${1:?usage: $0 run DATA_DIR [train.py flags]}
+    shift
+    MINUTES=${MINUTES:-12}
+    mps=0
+    if command -v nvidia-cuda-mps-control > /dev/null; then  # this user's daemon, its own folders
+        export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+        mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+        nvidia-cuda-mps-control -d && mps=1 && echo "gpu-session: CUDA MPS on"
     fi
-    # training stops itself at $minutes (run.pt written); the evaluation after it is cut at the
-    # same time
-    METHOD=$method MINUTES=$minutes \
-        timeout --kill-after=20 "$(python -c "print($minutes + 0.5)")m" \
-        bash benchmarks/gpu_cifar10.sh "$DATA" "$@" \
-        || echo "gpu-session: $method cut at the time limit"
-done
-for method in "carl --num-prototypes 100" carp simclr byol "swav --num-prototypes 100" mocov2; do
-    # views/s of each method's step and of train.py's loop, compiled, and the GPU memory it
-    # holds (row 5)
-    seconds=$(python -c "print(int(60 * min(1.5, $(left))))")
-    [ "$seconds" -ge 30 ] || break
-    # shellcheck disable=SC2086
-    timeout "$seconds" python benchmarks/throughput.py --dataset imagefolder --data-dir "$DATA" \
-        --image-size 32 --batch-size 256 --steps 30 --loaders device --method $method || true
-done
+    for pair in ${PAIRS:-carl+simclr}; do
+        pids=()
+        for method in ${pair//+/ }; do
+            mkdir -p "$RUNS/$method"
+            METHOD=$method MINUTES=$MINUTES bash benchmarks/gpu_cifar10.sh "$DATA" "$@" \
+                > "$RUNS/$method/train.out" 2>&1 &
+            pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid" || echo "gpu-session: a run of $pair failed"; done
+        echo "gpu-session: $pair done"
+    done
+    [ "$mps" = 1 ] && echo quit | nvidia-cuda-mps-control
+    echo "gpu-session: all done"
+    ;;
+start)
+    DATA=${1:?usage: $0 start DATA_DIR [train.py flags]}
+    [ -d "$DATA" ] || [ ! -f "$DATA.tgz" ] || tar -C "$(dirname "$DATA")" -xzf "$DATA.tgz"
+    mkdir -p "$RUNS"
+    setsid nohup bash "$0" run "$@" > "$LOG" 2>&1 < /dev/null &
+    exec bash "$0" wait 540
+    ;;
+wait)
+    seconds=${1:-540}
+    t0=$(date +%s)
+    while ! grep -qs "gpu-session: all done" "$LOG" && [ $(($(date +%s) - t0)) -lt "$seconds" ]; do
+        sleep 30
+        if command -v nvidia-smi > /dev/null; then
+            nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader \
+                >> "$RUNS/smi.txt" || true
+        fi
+        for out in "$RUNS"/*/train.out; do  # each run's latest line
+            [ -f "$out" ] && echo "$(basename "$(dirname "$out")"): $(tail -n 1 "$out")"
+        done
+        collect
+    done
+    grep -h "^knn\|^trained\|^done\|gpu-session" "$LOG" "$RUNS"/*/train.out 2>/dev/null || true
+    collect
+    ;;
+*)
+    echo "usage: $0 start|run DATA_DIR [train.py flags] | wait [SECONDS]" >&2
+    exit 2
+    ;;
+esac
