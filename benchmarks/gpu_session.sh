@@ -9,9 +9,9 @@
 #
 #   bash benchmarks/gpu_session.sh start data/cifar10 [train.py flags]   # call 1: start, wait 9 min
 #   bash benchmarks/gpu_session.sh wait 300                              # call 2 (within 30 s)
-#   PAIRS="carl" MINUTES=2 RUNS=/tmp/g EVAL_FLAGS="--train-subset 500 --test-subset 200 \
+#   PAIRS="carl+simclr" MINUTES=3 RUNS=/tmp/g EVAL_FLAGS="--train-subset 500 --test-subset 200 \
 #       --linear-epochs 1" bash benchmarks/gpu_session.sh run ../shared/data/cifar10 --epochs 1 \
-#       --train-subset 512                                              # CPU smoke, in the foreground
+#       --train-subset 260 --knn-train-subset 500 --knn-test-subset 200     # CPU smoke
 #
 # start: unpacks data/cifar10.tgz when the folder is missing (60,000 files do not travel; one
 # 20 MB archive does), starts `run` under setsid (it outlives the call), then waits as `wait`.
