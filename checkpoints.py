@@ -8,7 +8,7 @@ the state dict of a torchvision ResNet without `fc` (what model.build_backbone m
 
 The layouts read (LAYOUTS; a file's is found from its entries and the prefix of its conv1):
   run.pt        train.py's: "model" (the student, keys backbone.*), "teacher" (the EMA teacher's
-                whole network, or None), "args", "epoch", the optimizer, the queue...
+                whole network, or None), "args", "epoch", "provenance", the optimizer, the queue...
   CARP / DINO   checkpoint.pth: "student" and "teacher", each a DistributedDataParallel-wrapped
                 MultiCropWrapper (module.backbone.*, module.head.*); "args" (an argparse
                 Namespace), "optimizer", "epoch", "fp16_scaler", DINO's "dino_loss"
@@ -22,7 +22,8 @@ The layouts read (LAYOUTS; a file's is found from its entries and the prefix of 
   solo-learn    Lightning .ckpt: "state_dict" with backbone.* (before 2022: encoder.*), projector.*,
                 classifier.* (momentum methods: momentum_backbone.*), "pytorch-lightning_version",
                 "loops", ...; its CIFAR stem pads the 3x3 conv1 by 2 pixels, this project's by 1
-  state dict    a torchvision ResNet's own keys, fc or not: backbone.pt, backbone_ep*.pt, Barlow
+  state dict    a torchvision ResNet's own keys, fc or not: backbone.pt, backbone_teacher.pt,
+                backbone_ep*.pt, Barlow
                 Twins' and VICReg's resnet50.pth, DINO's released backbones
 Only conv1, bn1 and layer1-4 are kept: heads, projectors, prototypes and fc are dropped. Every file
 is read with torch.load(weights_only=True), allowing only the few objects those files hold besides
@@ -69,7 +70,9 @@ def _inert(*args, **kwargs):
 SAFE_GLOBALS = [argparse.Namespace, (_inert, "__main__.exclude_bias_and_norm"),
                 (_inert, "main_vicreg.exclude_bias_and_norm")]
 
-Checkpoint = collections.namedtuple("Checkpoint", "state args epoch weights")
+# provenance: train.py's record of what made a run.pt (commit, versions, device), else None
+Checkpoint = collections.namedtuple("Checkpoint", "state args epoch weights provenance",
+                                    defaults=(None,))
 
 
 def fail(msg):
@@ -154,7 +157,8 @@ def shown_keys(d, n=8):
 
 def read_backbone(path, weights=None, key=None):
     """Checkpoint(backbone state dict, the run's train.py args (other files: {"arch": read from
-    the weights}), epochs done or None, which weights) from a file in any of LAYOUTS.
+    the weights}), epochs done or None, which weights, provenance or None) from a file in any of
+    LAYOUTS.
 
     weights: "student" or "teacher" out of a run.pt or a CARP / DINO file (default: the teacher
     where there is one, as the published CARP evaluates). key: the weights under this top-level
@@ -200,4 +204,5 @@ def read_backbone(path, weights=None, key=None):
               file=sys.stderr, flush=True)
     own = found is not None and found[0] is RUN_PT
     epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None
-    return Checkpoint(state, ckpt["args"] if own else {"arch": arch_of(state)}, epoch, what)
+    made = ckpt.get("provenance") if own else None  # run.pt files from before it: None
+    return Checkpoint(state, ckpt["args"] if own else {"arch": arch_of(state)}, epoch, what, made)

@@ -160,9 +160,10 @@ def parse_args(argv=None):
 
 
 def load_weights(path, weights=None, key=None):
-    """(backbone state_dict, stored train args, epochs done, which weights) from a run.pt (its
-    teacher unless weights="student" or the run had none), a backbone.pt ({"arch"}, None) or
-    another library's file (checkpoints.read_backbone); one clear error line for anything else."""
+    """(backbone state_dict, stored train args, epochs done, which weights, provenance) from a
+    run.pt (its teacher unless weights="student" or the run had none), a backbone.pt ({"arch"},
+    None, ..., None) or another library's file (checkpoints.read_backbone); one clear error line
+    for anything else."""
     return checkpoints.read_backbone(path, weights, key)
 
 
@@ -496,7 +497,8 @@ def main(argv=None):
 
 def run(argv=None):
     args = parse_args(argv)
-    state, stored, ckpt_epoch, which = load_weights(args.ckpt, args.weights, args.checkpoint_key)
+    state, stored, ckpt_epoch, which, made = load_weights(args.ckpt, args.weights,
+                                                          args.checkpoint_key)
     args = resolve(args, stored, state)
     log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.jsonl")
     check_writable(log_path)
@@ -551,8 +553,13 @@ def run(argv=None):
                     f"{' (transfer)' if args.transfer else ''}, "
                     if linear_probes else "")
     stem = "cifar" if args.cifar_stem else "imagenet"
+    made_by = ""
+    if made:  # a run.pt that says what made it
+        changes = {True: " with uncommitted changes", "unknown": " (changes unknown)"}
+        made_by = (f" by {stored.get('method')} at commit {made['commit'][:12]}"
+                   f"{changes.get(made['uncommitted_changes'], '')}")
     print(f"evaluating {args.ckpt} ({which}; {args.arch}, {stem} stem, "
-          f"pretrained on {args.pretrain_dataset or 'unknown'}) on {args.dataset} at "
+          f"pretrained on {args.pretrain_dataset or 'unknown'}{made_by}) on {args.dataset} at "
           f"{args.image_size} px ({size_from}): {len(train_set)} train / {len(test_set)} test "
           f"images, {num_classes} classes, {probe_epochs}{device.type}, {args.loader} loader",
           flush=True)

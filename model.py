@@ -86,6 +86,7 @@ class Outputs(NamedTuple):
     """A network's outputs for a list of views: one tensor per view in each."""
     z: list  # (B, D) embeddings: the projection head's
     out: list  # (B, K or D): the last part's
+    h: list = None  # (B, F) backbone features (Model.forward's; the online probe's input)
 
 
 class Model(nn.Module):
@@ -112,18 +113,20 @@ class Model(nn.Module):
         return None if self.prototypes_at is None else self.out.get_submodule(self.prototypes_at)
 
     def forward(self, views):
-        embeddings, outputs, i = [], [], 0
+        embeddings, outputs, features, i = [], [], [], 0
         while i < len(views):
             j = i + 1
             while j < len(views) and views[j].shape[-1] == views[i].shape[-1]:
                 j += 1
-            z = self.head(self.backbone(torch.cat(views[i:j])))  # ((j - i) B, D)
+            h = self.backbone(torch.cat(views[i:j]))  # ((j - i) B, F)
+            z = self.head(h)  # ((j - i) B, D)
             if self.normalize:
                 z = F.normalize(z, dim=1)
             embeddings += z.chunk(j - i)
             outputs += self.out(z).chunk(j - i)
+            features += h.chunk(j - i)
             i = j
-        return Outputs(embeddings, outputs)
+        return Outputs(embeddings, outputs, features)
 
 
 class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -205,11 +208,11 @@ class EMATeacher:
         rows = (order.view(-1, 1, size) + views_at[:, None]).flatten()  # (V B,)
         for m in self.group_norms:
             m.groups = batch // size
-        (z,), (out,) = self.run([torch.cat(views)[rows]])  # (V B, D), (V B, K or D)
+        (z,), (out,), (h,) = self.run([torch.cat(views)[rows]])  # (V B, D), (V B, K or D), (V B, F)
         for m in self.group_norms:
             m.groups = 1
         undo = rows.argsort()  # (V B,): back to torch.cat(views)'s order
-        return Outputs(list(z[undo].chunk(V)), list(out[undo].chunk(V)))
+        return Outputs(*(list(t[undo].chunk(V)) for t in (z, out, h)))
 
 
 class Queue:

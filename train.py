@@ -5,20 +5,24 @@
     python train.py --method carp --recipe neurips23 --dataset cifar10   # the published CARP
     torchrun --nproc_per_node=4 train.py --method carp --dataset imagefolder --data-dir /imagenet
 
-Writes <out-dir>/log.jsonl (one JSON line per log step and per kNN evaluation), and <out-dir>/run.pt
-(everything needed to continue: model, EMA teacher, queue, optimizer) with <out-dir>/backbone.pt (a
-plain torchvision ResNet state_dict without `fc`: the online network's, or the teacher's with
---export-teacher) every --ckpt-every-epochs epochs, every --ckpt-every-min minutes, at the end and
-when stopped by SIGTERM, SIGUSR1 or Ctrl-C. The same command run again continues from
-<out-dir>/run.pt at the next step. Flags left unset take the method's entry in methods.py (its
-thesis settings, per dataset, and --recipe on top).
+Writes <out-dir>/args.json (the resolved flags and the provenance: git commit, library versions,
+device) at the start, <out-dir>/log.jsonl (that record first, then one JSON line per log step and
+per kNN evaluation), and <out-dir>/run.pt (everything needed to continue: model, EMA teacher,
+queue, optimizer) with <out-dir>/backbone.pt (a plain torchvision ResNet state_dict without `fc`:
+the online network's; backbone_teacher.pt: the EMA teacher's) every --ckpt-every-epochs epochs,
+every --ckpt-every-min minutes, at the end and when stopped by SIGTERM, SIGUSR1 or Ctrl-C;
+--keep-every N keeps backbone_ep0010.pt (and backbone_teacher_ep0010.pt) every N epochs. The same
+command run again continues from <out-dir>/run.pt at the next step. Flags left unset take the
+method's entry in methods.py (its thesis settings, per dataset, and --recipe on top).
 """
 import argparse
 import contextlib
 import json
 import math
 import os
+import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
 
 import augment
 import checkpoints
@@ -43,9 +49,9 @@ _KEYS = [set(m.defaults) for m in METHODS.values()]
 METHOD_KEYS = sorted(set.union(*_KEYS) - set.intersection(*_KEYS))
 # A continued run must keep every flag but these (speed, cadence, where things are): a new flag is
 # checked by default.
-MAY_CHANGE = ("data_dir", "download", "until_epoch", "export_teacher", "amp", "compile", "workers",
-              "out_dir", "resume", "ckpt_every_epochs", "ckpt_every_min", "knn_every",
-              "knn_train_subset", "knn_test_subset", "log_every")
+MAY_CHANGE = ("data_dir", "download", "until_epoch", "amp", "compile", "workers", "out_dir",
+              "resume", "ckpt_every_epochs", "ckpt_every_min", "keep_every", "knn_every",
+              "knn_train_subset", "knn_test_subset", "online_probe", "log_every")
 # preemption (SIGTERM; SLURM's --signal=USR1@secs before a time limit) and Ctrl-C: save, then stop
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -112,7 +118,6 @@ def parse_args(argv=None):
     add("--teacher-momentum", type=UNIT, help="EMA momentum at the first step")
     add("--teacher-momentum-end", type=UNIT,
         help="... at the last (a per-step cosine between the two; equal: constant)")
-    add("--export-teacher", action="store_true", help="backbone.pt holds the teacher's backbone")
     add("--views", choices=list(augment.VIEWS), help="view pipeline (augment.py)")
     add("--global-crops", type=CROPS, help="global crops per image (CARL, CARP, SwAV: >= 2)")
     add("--local-crops", type=COUNT, help="multi-crop: small crops per image (CARL, CARP, SwAV)")
@@ -137,11 +142,18 @@ def parse_args(argv=None):
         help="write run.pt at the end of every N-th epoch (more than 1 where epochs take seconds)")
     add("--ckpt-every-min", type=POSITIVE, default=15.0,
         help="also write run.pt inside an epoch this often")
+    add("--keep-every", type=COUNT, default=0,
+        help="keep the backbones of every N-th epoch's end: backbone_ep0010.pt (and "
+             "backbone_teacher_ep0010.pt) for epoch 10... (0: off)")
     add("--knn-every", type=COUNT,
         help="kNN top-1 (k=200) every N epochs, after the last, and before the first (default: 1 "
              "for synthetic, else 0 = off)")
     add("--knn-train-subset", type=POSITIVE_INT, help="kNN bank: a class-balanced subset")
     add("--knn-test-subset", type=POSITIVE_INT, help="kNN queries: a class-balanced subset")
+    add("--online-probe", action="store_true",
+        help="train a linear classifier on the detached, standardised backbone features of the "
+             f"global crops beside the method (its own SGD, lr {PROBE_LR:g}, momentum 0.9); its "
+             "top-1 on the kNN test split at every kNN point")
     add("--seed", type=SEED, default=0)
     add("--log-every", type=POSITIVE_INT, default=10, help="steps between log lines")
     return resolve(p.parse_args(argv))
@@ -199,6 +211,8 @@ def resolve(args):
              f"{args.block_size}")
     if args.until_epoch is not None and not args.until_epoch <= args.epochs:
         fail(f"--until-epoch {args.until_epoch} must lie in 1..--epochs {args.epochs}")
+    if args.online_probe and not args.knn_every:
+        fail("--online-probe is scored at the kNN monitor's points: give --knn-every N too")
     resolve_views(args, method, given)
     resolve_teacher(args, method, given)
     resolve_speed(args, "cuda" if torch.cuda.is_available() else "cpu")
@@ -232,9 +246,6 @@ def resolve_teacher(args, method, given):
     """The EMA teacher, the prototypes' form and the queue: what each method can take."""
     if method.needs_teacher and args.teacher != "ema":
         fail(f"--method {args.method} needs its EMA teacher (--teacher ema)")
-    if args.export_teacher and args.teacher != "ema":
-        fail("--export-teacher exports the EMA teacher's backbone: the run has none "
-             "(--teacher ema)")
     if args.teacher == "none" and given & {"teacher_momentum", "teacher_momentum_end"}:
         fail("--teacher-momentum and --teacher-momentum-end are for the EMA teacher: give "
              "--teacher ema too")
@@ -485,10 +496,12 @@ def view_pipeline(args, batched):
                 args.local_size, args.local_scale)
 
 
-def pretrain_batches(args, source, batches, rank, device):
-    """The views (a list of (local batch, 3, S, S) on `device`) of each step of `batches`
-    (data.Batches), by either loader."""
+def pretrain_batches(args, source, batches, rank, device, labels=None):
+    """(views, labels) of each step of `batches` (data.Batches), by either loader: the views a list
+    of (local batch, 3, S, S) on `device`; the batch's labels (local batch,) there, taken from
+    `labels` (N,), or None without them."""
     if args.loader == "device":
+        labels = labels if labels is None else labels.to(device)
         views = view_pipeline(args, batched=True)
         if args.compile:  # fuses the views' few hundred small ops: on a GPU launches cost the most
             views.compile()
@@ -499,7 +512,7 @@ def pretrain_batches(args, source, batches, rank, device):
             if epoch != order_epoch:  # the epoch's sample order, moved to the device once
                 order, order_epoch = batches.epoch_order(epoch).to(device), epoch  # (steps, batch)
             g.manual_seed(data.seed_of(args.seed, step, rank))  # views depend on (seed, step, rank)
-            yield views(source[order[it]], g)
+            yield views(source[order[it]], g), labels if labels is None else labels[order[it]]
         return
     seeded = data.SeededViews(source, view_pipeline(args, batched=False), args.seed)
     loader = torch.utils.data.DataLoader(seeded, batch_sampler=batches, num_workers=args.workers,
@@ -507,8 +520,9 @@ def pretrain_batches(args, source, batches, rank, device):
                                          worker_init_fn=ignore_stop_signals)
     stream = iter(loader)
     try:
-        for views in stream:
-            yield [v.to(device, non_blocking=True) for v in views]
+        for views, batch in zip(stream, batches):  # batch: the step's [(epoch, index)], in order
+            views = [v.to(device, non_blocking=True) for v in views]
+            yield views, labels if labels is None else labels[[i for _, i in batch]].to(device)
         return
     except data.BadImageError as e:  # raised in a worker, its message ends with ours; run.pt intact
         message = e.line()
@@ -528,10 +542,11 @@ def train_step(run, views, now, step):
         group["lr"] = now["lr"] * group["lr_scale"]
     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     with run.autocast:
-        student = run.net(views)  # Outputs: z (B, D) and out (B, K or D) per view
+        student = run.net(views)  # Outputs: z (B, D), out (B, K or D), h (B, F) per view
         teacher = None if run.teacher is None else run.teacher(  # Outputs of the global crops
             views[:run.args.global_crops], data.seed_of(run.args.seed, step, run.rank, 1))
     loss, stats, push = run.method.loss(student, teacher, run, now, step)
+    run.features = [h.detach() for h in student.h[:run.args.global_crops]]  # (B, F): the probe's
     if run.teacher and run.method.teacher_first:  # the weights this step started from
         run.teacher.update(run.model, now["momentum"])
     run.optimizer.zero_grad(set_to_none=True)
@@ -564,7 +579,8 @@ class KnnMonitor:
         self.num_classes = int(self.splits[0][1].max()) + 1
 
     @torch.no_grad()
-    def __call__(self, backbone, batch_size=256):
+    def features(self, backbone, batch_size=256):
+        """[(bank features (N, F), labels (N,)), (query features, labels)], in eval mode."""
         feats = []
         a = self.args
         eval_batch = lambda x: augment.eval_batch(x, a.image_size, a.dataset)  # noqa: E731
@@ -572,10 +588,73 @@ class KnnMonitor:
             batches = evaluate.DeviceBatches(images, labels, batch_size, eval_batch)
             feats.append(evaluate.extract_features(backbone, batches, self.device))  # (N, F), (N,)
         backbone.train()
+        return feats
+
+    def score(self, feats):
         (bank, bank_labels), (queries, query_labels) = feats
         scores = evaluate.knn_classify(bank, bank_labels, queries, self.num_classes, k=200,
                                        T=0.07)  # (N_test, C)
         return evaluate.topk_accuracy(scores, query_labels)  # [top-1, top-5]
+
+    def __call__(self, backbone):
+        return self.score(self.features(backbone))
+
+
+# --online-probe's lr: on the quickstart its probe ended at 57% top-1 with 0.01; 0.003: 47, 0.03:
+# 52, 0.1: 41 (its loss rose above chance's: overshooting)
+PROBE_LR = 0.01
+
+
+class OnlineProbe:
+    """--online-probe: a linear classifier on the backbone's features of the global crops, detached
+    (no gradient reaches the backbone), trained beside the method by its own SGD (lr PROBE_LR,
+    momentum 0.9, no weight decay, constant) on features standardised by a BatchNorm without
+    affine parameters (MAE's linear probe), so one lr suits any backbone and stage. Rows labelled
+    -1 (unlabelled images) are left out of its loss; under DDP its gradients are averaged over the
+    ranks. Scored at the kNN points on the monitor's test features."""
+
+    def __init__(self, feat_dim, num_classes, device, state=None):
+        self.norm = nn.BatchNorm1d(feat_dim, affine=False).to(device)
+        # zeros, not nn.Linear's random init: the run draws the same random numbers with or without
+        self.weight = torch.zeros(num_classes, feat_dim, device=device,
+                                  requires_grad=True)  # (C, F)
+        self.bias = torch.zeros(num_classes, device=device, requires_grad=True)  # (C,)
+        self.optimizer = torch.optim.SGD([self.weight, self.bias], lr=PROBE_LR, momentum=0.9)
+        if state is not None:
+            self.norm.load_state_dict(state["norm"])
+            with torch.no_grad():
+                self.weight.copy_(state["weight"])
+                self.bias.copy_(state["bias"])
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def __call__(self, feats):
+        return F.linear(self.norm(feats), self.weight, self.bias)  # (N, C)
+
+    def step(self, feats, labels):
+        """One step on feats (one (B, F) per global crop) and labels (B,); returns its loss."""
+        self.norm.train()
+        x = torch.cat(feats).detach().float()  # (G B, F)
+        y = labels.repeat(len(feats))  # (G B,)
+        labelled = (y >= 0).sum().clamp(min=1)  # the loss: a mean over the labelled rows
+        loss = F.cross_entropy(self(x), y, ignore_index=-1, reduction="sum") / labelled
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.is_initialized():  # the global batch's gradient, as the method's
+            for p in (self.weight, self.bias):
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        self.optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def accuracy(self, feats, labels):
+        """Top-1 (%) on feats (N, F) with labels (N,)."""
+        self.norm.eval()
+        return 100.0 * (self(feats).argmax(1) == labels).float().mean().item()
+
+    def state_dict(self):
+        return {"norm": self.norm.state_dict(), "weight": self.weight.detach(),
+                "bias": self.bias.detach(), "optimizer": self.optimizer.state_dict()}
 
 
 # ---------------------------------------------------------------- between steps: logs, saves, kNN
@@ -599,9 +678,14 @@ class Bookkeeping:
         if args.knn_every and self.rank == 0:
             self.monitor = KnnMonitor(args, device, max_bytes)
         self.cuda = device.type == "cuda"
+        self.provenance = None
         if self.rank == 0:
             os.makedirs(args.out_dir, exist_ok=True)
             log = trim_log(self.log_path, self.start)  # drop what a stopped run logged after saving
+            self.provenance = provenance(device, self.world)
+            made = {"provenance": self.provenance, "args": vars(args)}  # this session's
+            append_log(self.log_path, made)
+            atomic_save(made, os.path.join(args.out_dir, "args.json"))
             print(describe_run(args, data_info["num_images"], self.world, device, self.spe),
                   flush=True)
             print(describe_schedules(args), flush=True)
@@ -623,12 +707,20 @@ class Bookkeeping:
                      "teacher": run.teacher and run.teacher.net.state_dict(),
                      "queue": run.queue and run.queue.state_dict(), "step": step,
                      "epoch": step // self.spe, "args": vars(self.args), "data": self.data_info,
-                     "world": self.world}
+                     "world": self.world, "probe": run.probe and run.probe.state_dict(),
+                     "provenance": self.provenance}
             atomic_save(state, self.run_path)
-            exported = run.teacher.net if self.args.export_teacher else run.model
-            atomic_save(exported.backbone.state_dict(),
-                        os.path.join(self.args.out_dir, "backbone.pt"))
+            self.save_backbones("")
         self.last_save = time.time()
+
+    def save_backbones(self, suffix):
+        """backbone{suffix}.pt, and backbone_teacher{suffix}.pt where there is an EMA teacher."""
+        nets = [("backbone", self.run.model)]
+        if self.run.teacher is not None:
+            nets.append(("backbone_teacher", self.run.teacher.net))
+        for name, net in nets:
+            atomic_save(net.backbone.state_dict(),
+                        os.path.join(self.args.out_dir, f"{name}{suffix}.pt"))
 
     def knn_due(self, step):  # before training, after every --knn-every-th epoch and after the last
         epoch, it = divmod(step, self.spe)
@@ -636,14 +728,29 @@ class Bookkeeping:
                                                     or step == self.total)
 
     def knn(self, step):
+        """kNN top-1/5 of the student's backbone and the EMA teacher's (where there is one), the
+        online probe's top-1: a log record and one line."""
         if self.rank == 0 and all(r["step"] != step for r in self.knn_records):  # not held yet
-            t0 = time.time()
-            top1, top5 = self.monitor(self.run.model.backbone)
+            t0, run = time.time(), self.run
+            feats = self.monitor.features(run.model.backbone)
+            top1, top5 = self.monitor.score(feats)
             rec = {"epoch": step // self.spe, "step": step, "knn_top1": round(top1, 2),
-                   "knn_top5": round(top5, 2), "seconds": round(time.time() - t0, 1)}
+                   "knn_top5": round(top5, 2)}
+            keys, top5s = ["knn_top1"], f"{top5:.2f}"
+            if run.teacher is not None:
+                t_top1, t_top5 = self.monitor(run.teacher.net.backbone)
+                rec.update(knn_top1_teacher=round(t_top1, 2), knn_top5_teacher=round(t_top5, 2))
+                keys.append("knn_top1_teacher")
+                top5s += f", {t_top5:.2f}"
+            if run.probe is not None:  # on the student's features of the kNN queries
+                rec["probe_top1"] = round(run.probe.accuracy(*feats[1]), 2)
+            rec["seconds"] = round(time.time() - t0, 1)
             self.knn_records.append(rec)
-            print(f"knn ep {rec['epoch']}: top-1 {top1:.2f}{knn_gain(self.knn_records)}, top-5 "
-                  f"{top5:.2f}, {rec['seconds']:.0f} s", flush=True)
+            top1s = (f"{top1:.2f} student, {rec['knn_top1_teacher']:.2f} teacher"
+                     if run.teacher is not None else f"{top1:.2f}")
+            probe = f", online probe top-1 {rec['probe_top1']:.2f}" if "probe_top1" in rec else ""
+            print(f"knn ep {rec['epoch']}: top-1 {top1s}{knn_gain(self.knn_records, keys)}, top-5 "
+                  f"{top5s}{probe}, {rec['seconds']:.0f} s", flush=True)
             append_log(self.log_path, rec)
         if self.world > 1:
             dist.barrier(group=self.control)  # the other ranks wait for rank 0's evaluation
@@ -674,6 +781,9 @@ class Bookkeeping:
         every = self.args.ckpt_every_epochs
         if flags.any() or step + 1 == self.end or (epoch_done and (epoch + 1) % every == 0):
             self.save(step + 1)
+        keep = self.args.keep_every
+        if self.rank == 0 and epoch_done and keep and (epoch + 1) % keep == 0:
+            self.save_backbones(f"_ep{epoch + 1:04d}")  # snapshots kept, never overwritten
         stopping = flags[0] and step + 1 < self.end
         if epoch_done and self.knn_due(step + 1) and not stopping:  # a stop has seconds: no kNN
             self.knn(step + 1)
@@ -715,6 +825,14 @@ class Bookkeeping:
                 print(f"kNN top-1 (k=200): {first['knn_top1']:.2f} at epoch {first['epoch']}{init} "
                       f"-> {last['knn_top1']:.2f} at epoch {last['epoch']}: "
                       f"{last['knn_top1'] - first['knn_top1']:+.2f} points", flush=True)
+                key = "knn_top1_teacher"
+                teacher = [r for r in self.knn_records if key in r]
+                if teacher:
+                    a, b = teacher[0][key], teacher[-1][key]
+                    print(f"the EMA teacher's: {a:.2f} -> {b:.2f}: {b - a:+.2f} points", flush=True)
+                if "probe_top1" in last:
+                    print(f"online linear probe top-1 at epoch {last['epoch']}: "
+                          f"{last['probe_top1']:.2f}", flush=True)
 
 
 # ---------------------------------------------------------------- the run
@@ -823,25 +941,35 @@ def pretrain(args, stop_signal):
     end_step = (args.until_epoch or args.epochs) * steps_per_epoch
 
     run = build_run(args, device, world, steps_per_epoch, ckpt)
+    run.probe = None
+    if args.online_probe:
+        if not (labels >= 0).any():
+            fail(f"--online-probe needs labels: {args.dataset}'s pretraining images have none")
+        run.probe = OnlineProbe(run.model.head[0].in_features, int(labels.max()) + 1, device,
+                                ckpt and ckpt.get("probe"))
     book = Bookkeeping(args, run, (world, control), (start_step, end_step), stop_signal,
                        ckpt and resume_from, info, device, max_bytes)
     batches = data.Batches(info["num_images"], args.batch_size, world, rank, args.seed, start_step,
                            end_step)
     # closing() shuts DataLoader workers down on every way out: they ignore SIGTERM, so nothing else
-    with contextlib.closing(pretrain_batches(args, source, batches, rank, device)) as stream:
-        for step, views in zip(range(start_step, end_step), stream):
+    with contextlib.closing(pretrain_batches(args, source, batches, rank, device,
+                                             None if run.probe is None else labels)) as stream:
+        for step, (views, batch_labels) in zip(range(start_step, end_step), stream):
             now = {name: float(values[step]) for name, values in run.schedules.items()}
             loss, stats = train_step(run, views, now, step)
+            if run.probe is not None:  # beside the method's step, on its features, own optimizer
+                stats["probe_loss"] = run.probe.step(run.features, batch_labels)
             book.after_step(step, loss, stats, now)
     book.finish()
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash or a failed write (full disk) never leaves
-    a half-written file, and the previous one stays as it was."""
+    """Write to a temporary file (torch.save, or JSON for a .json path), then rename: a crash or a
+    failed write (full disk) never leaves a half-written file, and the previous one stays as it
+    was."""
     tmp = f"{path}.tmp"
     try:
-        torch.save(obj, tmp)
+        (write_json if path.endswith(".json") else torch.save)(obj, tmp)
         os.replace(tmp, path)
     except Exception as e:
         if os.path.exists(tmp):
@@ -850,13 +978,44 @@ def atomic_save(obj, path):
         fail(f"could not write {path} ({type(e).__name__}: {e}); {kept}")
 
 
-def knn_gain(records):
-    """' (+12.30 since epoch 0)' for the newest kNN record; ' (random init)' for a fresh run's
-    first."""
-    first, last = records[0], records[-1]
-    if last is first:
-        return " (random init)" if first["step"] == 0 else ""
-    return f" ({last['knn_top1'] - first['knn_top1']:+.2f} since epoch {first['epoch']})"
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def provenance(device, world, code_dir=os.path.dirname(os.path.abspath(__file__))):
+    """What made the run: the git commit of the code in code_dir and whether its tracked files had
+    uncommitted changes ("unknown" without git or outside a repository), library versions,
+    device."""
+    def git(*argv):
+        try:
+            done = subprocess.run(["git", *argv], cwd=code_dir, capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.SubprocessError):  # no git, a hung filesystem...
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = (git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+               if commit else None)
+    name = f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+    return {"commit": commit or "unknown",
+            "uncommitted_changes": "unknown" if changes is None else bool(changes),
+            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "python": platform.python_version(), "device": name, "processes": world,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def knn_gain(records, keys=("knn_top1",)):
+    """' (+12.30 since epoch 0)' for the newest kNN record (with two keys ' (+12.30, +14.00 ...)',
+    each since the first record holding it); ' (random init)' for a fresh run's first."""
+    last = records[-1]
+    firsts = [next(r for r in records if k in r) for k in keys]
+    if firsts[0] is last:
+        return " (random init)" if last["step"] == 0 else ""
+    gains = ", ".join(f"{last[k] - first[k]:+.2f}" for k, first in zip(keys, firsts))
+    return f" ({gains} since epoch {firsts[0]['epoch']})"
 
 
 def read_log(path):
@@ -878,10 +1037,10 @@ def append_log(path, rec):
 
 
 def trim_log(path, step):
-    """Keep the log records of steps before `step` (kNN records at `step` too), so a continued run
-    logs every step once; returns them."""
-    kept = [r for r in read_log(path)
-            if r["step"] < step or "knn_top1" in r and 0 < r["step"] == step]
+    """Keep the log records of steps before `step` (kNN records at `step` too) and the provenance
+    records (no step), so a continued run logs every step once; returns them."""
+    kept = [r for r in read_log(path) if "step" not in r
+            or r["step"] < step or "knn_top1" in r and 0 < r["step"] == step]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     return kept

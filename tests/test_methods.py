@@ -112,12 +112,14 @@ def test_swav_prototypes_frozen_for_the_first_epoch_and_kept_on_the_sphere(tmp_p
     torch.testing.assert_close(after_two.norm(dim=1), torch.ones(30))
 
 
-def test_export_teacher_and_bf16(tmp_path):
-    """--export-teacher: backbone.pt holds the EMA teacher's backbone. Under bf16 autocast a teacher method
-    trains with finite losses."""
-    run_main([*RUNS["byol"], *BASE, "--epochs", "1", "--amp", "bf16", "--export-teacher", "--out-dir", str(tmp_path)])
-    ckpt, sd = load(tmp_path / "run.pt"), load(tmp_path / "backbone.pt")
-    assert all(torch.equal(v, ckpt["teacher"][f"backbone.{k}"]) for k, v in sd.items())
+def test_teacher_backbone_and_bf16(tmp_path):
+    """backbone_teacher.pt holds the EMA teacher's backbone, backbone.pt the online network's.
+    Under bf16 autocast a teacher method trains with finite losses."""
+    run_main([*RUNS["byol"], *BASE, "--epochs", "1", "--amp", "bf16", "--out-dir", str(tmp_path)])
+    ckpt = load(tmp_path / "run.pt")
+    for name, network in (("backbone_teacher.pt", "teacher"), ("backbone.pt", "model")):
+        sd = load(tmp_path / name)
+        assert all(torch.equal(v, ckpt[network][f"backbone.{k}"]) for k, v in sd.items()), name
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path) if "loss" in r)
 
 

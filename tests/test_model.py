@@ -51,7 +51,7 @@ def test_resnet18_cifar_stem_32px_shapes(method):
     assert s4 == (4, 512, 4, 4)  # stride 8 overall: no stride-2 conv1 and no max-pool
     assert m.backbone(x).shape == (4, 512)
     assert m.head(m.backbone(x)).shape == (4, 128)
-    z, out = m([x, x[:, :, :16, :16], x[:, :, :16, :16]])  # a global view and two local ones
+    z, out, _ = m([x, x[:, :, :16, :16], x[:, :, :16, :16]])  # a global view and two local ones
     assert ([tuple(t.shape) for t in z] == [(4, 128)] * 3
             and [tuple(t.shape) for t in out] == [(4, 37)] * 3)
     assert m.backbone.conv1.kernel_size == (3, 3) and m.backbone.conv1.stride == (1, 1)
@@ -193,7 +193,7 @@ def test_proto_init_gain_scales_only_the_prototypes(method):
 def test_baselines_last_parts(method, out_dim):
     torch.manual_seed(0)
     m = model_of(method, 30)
-    z, out = m([torch.randn(4, 3, 16, 16)] * 2)
+    z, out, _ = m([torch.randn(4, 3, 16, 16)] * 2)
     assert ([tuple(t.shape) for t in z] == [(4, 128)] * 2
             and [tuple(t.shape) for t in out] == [(4, out_dim)] * 2)
     if method in ("simclr", "mocov2"):  # the loss takes z itself
@@ -218,7 +218,7 @@ def test_published_head_and_unit_prototypes(method):
     # the head ends in the prototypes
     assert m.out is m.prototypes and isinstance(m.out, models.UnitPrototypes)
     x = torch.randn(4, 3, 16, 16)
-    z, out = m([x])
+    z, out, _ = m([x])
     # logits are <z, c / |c|>: each at most |z|, and scaling a prototype's weights changes nothing
     torch.testing.assert_close(out[0],
                                z[0] @ torch.nn.functional.normalize(m.prototypes.weight, dim=1).T)
@@ -257,7 +257,7 @@ def test_ema_teacher_update_and_no_gradient():
     teacher.update(student, 0.75)
     for t, b, s in zip(teacher.net.parameters(), before, student.parameters()):
         torch.testing.assert_close(t, 0.75 * b + 0.25 * s)  # m * teacher + (1 - m) * student
-    z, _ = teacher([torch.randn(4, 3, 16, 16)])
+    z, _, _ = teacher([torch.randn(4, 3, 16, 16)])
     assert not z[0].requires_grad  # no graph: nothing can reach the teacher's weights
     teacher.update(student, 1.0)  # momentum 1: frozen
     teacher.update(student, 0.0)  # momentum 0: a copy of the student
@@ -271,19 +271,19 @@ def test_teacher_bn_groups_normalise_shuffled_subsets():
     student = model_of("mocov2")
     x = torch.randn(8, 3, 16, 16)
     grouped = models.EMATeacher(student, bn_group=4)
-    z, _ = grouped([x], seed=3)
+    z, _, _ = grouped([x], seed=3)
     order = torch.randperm(8, generator=torch.Generator().manual_seed(3))
     by_hand = torch.empty(8, 128)
     for idx in order.split(4):
         by_hand[idx] = grouped.net([x[idx]])[0][0]
     torch.testing.assert_close(z[0], by_hand, rtol=1e-4, atol=1e-4)  # one forward: other float sums
-    whole, _ = models.EMATeacher(student)([x])
+    whole, _, _ = models.EMATeacher(student)([x])
     assert not torch.allclose(z[0], whole[0], atol=1e-3)  # statistics differ from the whole batch's
     assert (torch.equal(grouped([x], seed=3)[0][0], z[0])
             and not torch.equal(grouped([x], seed=4)[0][0], z[0]))
     # a batch no larger than a group still goes in two groups (one would be the query batch's
     # statistics again)
-    small, _ = models.EMATeacher(student, bn_group=32)([x], seed=3)
+    small, _, _ = models.EMATeacher(student, bn_group=32)([x], seed=3)
     torch.testing.assert_close(small[0], z[0])
 
 

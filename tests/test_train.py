@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import checkpoints
 import data
+import evaluate
 import model as models
 import train
 
@@ -34,7 +37,7 @@ def first_batch(argv):
     source, labels = train.load_pretrain_data(args, torch.device("cpu"), None)
     run = train.build_run(args, torch.device("cpu"), 1, steps_per_epoch=3)
     batches = data.Batches(len(labels), args.batch_size, 1, 0, args.seed, 0, 1)
-    views, = list(train.pretrain_batches(args, source, batches, 0, torch.device("cpu")))  # the one batch of step 0
+    (views, _), = train.pretrain_batches(args, source, batches, 0, torch.device("cpu"))  # step 0
     return run, views, {k: float(v[0]) for k, v in run.schedules.items()}
 
 
@@ -103,7 +106,7 @@ def test_run_writes_outputs_and_logs_every_step(which, request):
     for name in ("run.pt", "backbone.pt", "log.jsonl"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    log = read_log(out)
+    log = [r for r in read_log(out) if "loss" in r]  # the step records
     assert [r["step"] for r in log] == list(range(6))  # 3 steps/epoch, 2 epochs, every step logged
     assert {r["epoch"] for r in log} == {0, 1}
     for r in log:
@@ -460,7 +463,7 @@ def test_same_command_continues_and_matches_uninterrupted_run(tmp_path, request,
     assert_same_weights(os.path.join(full, "run.pt"), os.path.join(split, "run.pt"))
     final = load(os.path.join(split, "run.pt"))
     assert any(not torch.equal(half["model"][k], final["model"][k]) for k in final["model"] if k.endswith("weight"))
-    la, lb = read_log(full), read_log(split)
+    la, lb = ([r for r in read_log(d) if "loss" in r] for d in (full, split))
     assert [r["step"] for r in lb] == [r["step"] for r in la] == list(range(6))
     for ra, rb in zip(la, lb):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
@@ -527,7 +530,8 @@ def assert_untouched(d, fp):
     (["--optimizer", "larc", "--bias-lr-scale", "1"], r"--bias-lr-scale is for --optimizer lars"),
     (["--recipe", "dino"], r"unknown --recipe 'dino'"),
     (["--method", "carl", "--prototypes", "unit", "--proto-init-gain", "2"], r"--proto-init-gain does not change"),
-    (["--method", "simclr", "--export-teacher"], r"--export-teacher exports the EMA teacher's backbone: the run has none"),
+    (["--online-probe", "--knn-every", "0"], r"--online-probe is scored at the kNN monitor"),
+    (["--keep-every", "-1"], r"--keep-every must be an integer >= 0, not -1$"),
     (["--method", "carp", "--block-size", "0"], r"--block-size must be an integer > 0, not 0$"),
     (["--epochs", "2", "--until-epoch", "3"], r"--until-epoch 3 must lie in 1\.\.--epochs 2"),
     (["--batch-size", "0"], r"--batch-size must be an integer > 0, not 0$"),
@@ -751,3 +755,165 @@ def test_images_per_s_is_timed_after_the_first_step(monkeypatch, tmp_path):
     run_main([*CARL, "--epochs", "1", "--out-dir", str(tmp_path / "r")])
     rates = [r["img_per_s"] for r in read_log(tmp_path / "r") if "loss" in r]  # steps 0, 1, 2 of 32 images
     assert rates == [0.3, 32.0, 32.0]  # timed from the start: 32 / 100 s; then from the first step's end
+
+
+# ---------------------------------------------------------------- teacher, snapshots, provenance
+
+KNN = ["--knn-every", "1", "--knn-train-subset", "100", "--knn-test-subset", "50"]
+CPU = torch.device("cpu")
+
+
+def test_ema_teacher_is_scored_and_saved_beside_the_student(tmp_path, capsys):
+    """With an EMA teacher the kNN monitor scores both networks (one line, both in the record) and
+    backbone_teacher.pt lies beside backbone.pt; --keep-every N keeps both every N epochs, and a
+    continued run may change N."""
+    out = tmp_path / "r"
+    argv = [*CARL, "--epochs", "3", "--teacher", "ema", *KNN, "--out-dir", str(out)]
+    run_main([*argv, "--until-epoch", "2", "--keep-every", "2"])
+    assert sorted(f for f in os.listdir(out) if f.startswith("backbone")) == [
+        "backbone.pt", "backbone_ep0002.pt", "backbone_teacher.pt", "backbone_teacher_ep0002.pt"]
+    for name in ("backbone", "backbone_teacher"):  # epoch 2's snapshots: that session's last
+        kept, last = load(out / f"{name}_ep0002.pt"), load(out / f"{name}.pt")
+        assert kept.keys() == last.keys() and all(torch.equal(v, last[k]) for k, v in kept.items())
+    kept = fingerprint(out / "backbone_teacher_ep0002.pt")
+    run_main([*argv, "--keep-every", "1"])  # continued, keeping every epoch from here
+    assert fingerprint(out / "backbone_teacher_ep0002.pt") == kept  # a snapshot is never rewritten
+    assert {"backbone_ep0003.pt", "backbone_teacher_ep0003.pt"} <= set(os.listdir(out))
+    assert "backbone_ep0001.pt" not in os.listdir(out)
+    ckpt = load(out / "run.pt")
+    for name, network in (("backbone.pt", "model"), ("backbone_teacher.pt", "teacher"),
+                          ("backbone_ep0003.pt", "model"),
+                          ("backbone_teacher_ep0003.pt", "teacher")):
+        sd = assert_loads_into_torchvision(out / name)
+        assert all(torch.equal(v, ckpt[network][f"backbone.{k}"]) for k, v in sd.items()), name
+    snapshot = checkpoints.read_backbone(str(out / "backbone_teacher_ep0003.pt"))  # evaluate --ckpt
+    assert snapshot.weights == "torchvision ResNet state dict"
+    assert snapshot.state.keys() == load(out / "backbone_teacher_ep0003.pt").keys()
+
+    text = capsys.readouterr().out
+    knn = [r for r in read_log(out) if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [0, 1, 2, 3]
+    assert all(0 <= r["knn_top1_teacher"] <= r["knn_top5_teacher"] <= 100 for r in knn)
+    assert knn[0]["knn_top1_teacher"] == knn[0]["knn_top1"]  # the teacher starts as the student
+    assert "knn ep 0: top-1 {0:.2f} student, {0:.2f} teacher (random init)".format(
+        knn[0]["knn_top1"]) in text
+    last, gains = knn[-1], [knn[-1][k] - knn[0][k] for k in ("knn_top1", "knn_top1_teacher")]
+    assert (f"knn ep 3: top-1 {last['knn_top1']:.2f} student, {last['knn_top1_teacher']:.2f} "
+            f"teacher ({gains[0]:+.2f}, {gains[1]:+.2f} since epoch 0), top-5 "
+            f"{last['knn_top5']:.2f}, {last['knn_top5_teacher']:.2f}, ") in text
+    # the teacher's number is the monitor's kNN of backbone_teacher.pt
+    monitor = train.KnnMonitor(train.parse_args(argv), CPU)
+    net, _ = models.build_backbone("resnet18", True)
+    net.load_state_dict(load(out / "backbone_teacher.pt"))
+    assert monitor(net)[0] == pytest.approx(last["knn_top1_teacher"], abs=0.01)
+
+
+def test_provenance_in_args_json_the_log_and_run_pt(tmp_path, capsys):
+    """The resolved flags, the commit, the library versions and the device: args.json, run.pt and
+    the first record of log.jsonl (no step: step lists skip it), a new record for each session;
+    evaluate.py names the commit and the method."""
+    out = tmp_path / "r"
+    argv = [*CARL, "--out-dir", str(out)]
+    run_main([*argv, "--until-epoch", "1"])
+    run_main(argv)  # continued: a second session, a second record
+    log = read_log(out)
+    made = [r for r in log if "provenance" in r]
+    assert log[0] is made[0] and log[4] is made[1] and len(made) == 2  # 3 steps in session 1
+    assert all("step" not in r for r in made)
+    assert [r["step"] for r in log if "loss" in r] == list(range(6))
+    with open(out / "args.json") as f:
+        saved = json.load(f)
+    assert saved == made[1]
+    assert saved["args"] == json.loads(json.dumps(vars(train.parse_args(argv))))  # tuples as lists
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(train.__file__),
+                         capture_output=True, text=True)
+    prov = saved["provenance"]
+    assert prov["commit"] == (git.stdout.strip() if git.returncode == 0 else "unknown")
+    assert prov["uncommitted_changes"] in ((True, False) if git.returncode == 0 else ("unknown",))
+    assert (prov["torch"], prov["torchvision"], prov["device"], prov["processes"]) == (
+        torch.__version__, torchvision.__version__, "cpu", 1)
+    assert load(out / "run.pt")["provenance"] == prov
+    capsys.readouterr()
+    evaluate.main(["--ckpt", str(out / "run.pt"), "--protocol", "knn", "--knn-k", "20",
+                   "--train-subset", "50", "--test-subset", "50", "--workers", "0"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"pretrained on synthetic by carl at commit {prov['commit'][:12]}" in first
+
+
+def test_provenance_without_git_says_unknown(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    prov = train.provenance(CPU, 1, code_dir=str(tmp_path))  # not a repository
+    assert (prov["commit"], prov["uncommitted_changes"]) == ("unknown", "unknown")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    prov = train.provenance(CPU, 1)
+    assert (prov["commit"], prov["uncommitted_changes"]) == ("unknown", "unknown")
+    assert prov["device"] == "cpu"
+
+
+# ---------------------------------------------------------------- the online linear probe
+
+@pytest.mark.parametrize("loader", ["device", "workers"])
+def test_both_loaders_give_each_batch_its_labels(loader):
+    args = train.parse_args([*CARL, "--loader", loader])
+    source, labels = train.load_pretrain_data(args, CPU, None)
+    batches = data.Batches(len(labels), 32, 1, 0, 0, 0, 4)  # steps 0-3: into epoch 1
+    got = [y for _, y in train.pretrain_batches(args, source, batches, 0, CPU, labels)]
+    order = [batches.epoch_order(step // 3)[step % 3] for step in range(4)]  # (32,) each
+    assert all(torch.equal(y, labels[i]) for y, i in zip(got, order))
+    if loader == "workers":  # the labels of the very images the views were made from
+        assert got[0].tolist() == [source[i][1] for i in order[0].tolist()]
+    assert all(y is None for _, y in train.pretrain_batches(args, source, batches, 0, CPU))
+
+
+def test_online_probe_sends_no_gradient_into_the_backbone():
+    """Two steps with the probe's step after each, and without: the backbone's gradients and
+    weights are the same to the bit; the probe learns."""
+    args = train.parse_args([*CARL, *KNN, "--online-probe", "--amp", "off"])
+    source, labels = train.load_pretrain_data(args, CPU, None)
+    batches = data.Batches(len(labels), args.batch_size, 1, 0, args.seed, 0, 2)
+    steps = list(train.pretrain_batches(args, source, batches, 0, CPU, labels))
+    backbones = []
+    for with_probe in (False, True):
+        run = train.build_run(args, CPU, 1, steps_per_epoch=3)
+        probe = train.OnlineProbe(512, 10, CPU)
+        for step, (views, y) in enumerate(steps):
+            now = {k: float(v[step]) for k, v in run.schedules.items()}
+            train.train_step(run, views, now, step)
+            if with_probe:
+                probe.step(run.features, y)
+        backbones.append([(p.grad.clone(), p.detach().clone())
+                          for p in run.model.backbone.parameters()])
+    assert all(torch.equal(g, g2) and torch.equal(w, w2)
+               for (g, w), (g2, w2) in zip(*backbones))
+    assert probe.weight.abs().sum() > 0 and probe.bias.grad is not None
+
+
+def test_online_probe_leaves_out_unlabelled_rows():
+    """Rows labelled -1 (STL-10's unlabeled images) are not in the loss: its mean is over the
+    labelled rows, and a batch without labels changes nothing."""
+    probe = train.OnlineProbe(4, 3, CPU)
+    feats = [torch.randn(6, 4), torch.randn(6, 4)]  # two global crops of 6 images
+    loss = probe.step(feats, torch.full((6,), -1))
+    assert loss.item() == 0 and probe.weight.abs().sum() == 0 and probe.bias.abs().sum() == 0
+    loss = probe.step(feats, torch.tensor([0, 1, -1, 2, -1, 0]))  # zero weights: log 3 a row
+    assert loss.item() == pytest.approx(math.log(3))
+    assert probe.weight.abs().sum() > 0
+
+
+def test_online_probe_in_a_run(tmp_path, capsys):
+    """--online-probe trains beside the method without changing it: a run ends with the weights of
+    one without it; its top-1 at every kNN point, its loss at every step, its state in run.pt."""
+    run_main([*CARL, *KNN, "--out-dir", str(tmp_path / "without")])
+    run_main([*CARL, *KNN, "--online-probe", "--out-dir", str(tmp_path / "with")])
+    assert_same_weights(tmp_path / "without" / "run.pt", tmp_path / "with" / "run.pt")
+    ckpt = load(tmp_path / "with" / "run.pt")
+    assert ckpt["probe"]["weight"].shape == (10, 512) and load(tmp_path / "without" / "run.pt")[
+        "probe"] is None
+    log = read_log(tmp_path / "with")
+    knn = [r for r in log if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [0, 1, 2] and all(0 <= r["probe_top1"] <= 100 for r in knn)
+    assert knn[0]["probe_top1"] == 10.0  # zero weights: class 0, a tenth of the balanced queries
+    assert all(math.isfinite(r["probe_loss"]) for r in log if "loss" in r)
+    text = capsys.readouterr().out
+    assert f"online probe top-1 {knn[-1]['probe_top1']:.2f}, " in text
+    assert f"online linear probe top-1 at epoch 2: {knn[-1]['probe_top1']:.2f}" in text
