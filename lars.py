@@ -54,4 +54,8 @@ class LARS(torch.optim.Optimizer):
             buffers = [self.state[w]["momentum_buffer"] for w in params]
             torch._foreach_mul_(buffers, group["momentum"])
             torch._foreach_add_(buffers, updates)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            lr = group["lr"]  # a float, or a device tensor in a compiled step (train.py)
+            if isinstance(lr, torch.Tensor):  # (alpha= would read it on the host: a sync)
+                torch._foreach_add_(params, torch._foreach_mul(buffers, -lr))
+            else:
+                torch._foreach_add_(params, buffers, alpha=-lr)

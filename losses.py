@@ -96,15 +96,28 @@ def own_rows(n):
 
 # ---------------------------------------------------------------- CARL and CARP
 
-def random_partition(num_prototypes, block_size, seed, step):
-    """A random partition of range(K) into K // N_B blocks: (N_P, N_B) int64 indices.
+_MASK = 2 ** 31 - 1  # hashing keeps to [0, 2**31): every product fits int64, on any device
 
-    Drawn from a generator seeded by (seed, step) on the CPU, so every rank gets the same
-    partition without communication, and each step a different one."""
+
+def _mix(x):
+    """A bijection of [0, 2**31) that scatters nearby inputs (xorshift-multiply rounds, odd
+    multipliers); the same on a python int and on an int64 tensor of any device, compiled or not."""
+    for c in (0x2C1B3C6D, 0x297A2D39, 0x1B873593):
+        x = ((x ^ (x >> 16)) * c) & _MASK
+    return x ^ (x >> 16)
+
+
+def random_partition(num_prototypes, block_size, seed, step, device=None):
+    """A random partition of range(K) into K // N_B blocks: (N_P, N_B) int64 indices on `device`.
+
+    A function of (seed, step) alone (step: an int, or a 0-d int64 tensor on `device`), made there
+    by hashing: every rank gets the same partition without communication, each step a different
+    one, a continued run the one an uninterrupted run had, and nothing is copied to the device."""
     if num_prototypes % block_size:
         raise ValueError(f"--num-prototypes {num_prototypes} is not divisible by --block-size {block_size}")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randperm(num_prototypes, generator=g).view(-1, block_size)  # (N_P, N_B)
+    step_key = _mix((step * 1_000_003 + (seed & _MASK)) & _MASK)  # an int, or a 0-d tensor
+    keys = _mix((torch.arange(num_prototypes, device=device) + step_key) & _MASK)  # (K,) distinct
+    return keys.argsort().view(-1, block_size)  # (N_P, N_B)
 
 
 def consistency(logp_a, logp_b):
@@ -158,8 +171,7 @@ def nt_xent(z_a, z_b, temperature):
     mine = torch.arange(n, device=za.device)[rows]  # (B,) this rank's samples in the global batch
     logits = torch.cat([za, zb]) @ keys.T / temperature  # (2B, 2N)
     self_cols = torch.cat([mine, mine + n])  # (2B,) each anchor's own column
-    logits = logits.index_put((torch.arange(len(self_cols), device=za.device), self_cols),
-                              torch.tensor(float("-inf"), device=za.device))
+    logits = logits.scatter(1, self_cols[:, None], float("-inf"))  # a scalar: no host-device copy
     positive = torch.cat([mine + n, mine])  # (2B,) the other view of the same image
     loss = F.cross_entropy(logits, positive)
     with torch.no_grad():

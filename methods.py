@@ -6,13 +6,16 @@ A method is a loss (losses.py) and one entry here:
     loss         loss(student, teacher, run, now, step) -> (loss, stats, queue rows or None);
                  student and teacher are model.Outputs (z: embeddings, out: last-part outputs, one
                  (B, D) / (B, K or D) tensor per view, global crops first); run: train.build_run's
-                 namespace (args, model, queue, ...); now: this step's lr, lam, momentum
+                 namespace (args, model, queue, ...); now: this step's lr, lam, momentum; now's
+                 values and step are floats and an int, or 0-d device tensors in a compiled step
+                 (train.student_step): the loss must take either, and read no tensor on the host
     last         last(args, dim, feat_dim) -> (the module after the head, its prototypes or None)
     optional:    per_dataset defaults, recipes it takes, normalize (the last part sees unit z),
                  needs_teacher, multiview (more than two crops), queue (None, "empty": filled as it
                  goes and used once full; "random": starts full of random keys), teacher_bn_group
                  (MoCo's shuffled BN), teacher_first (the EMA teacher takes the student's weights
-                 before the optimizer step, not after), after_backward / after_step hooks
+                 before the optimizer step, not after), after_backward(model, first_epoch) and
+                 after_step(model) hooks
 
 train.py and model.py hold no method names: they run what the entry says. A flag only some
 methods take is refused for the others, by the defaults alone.
@@ -49,16 +52,12 @@ class Method:
 
 def assignment_loss(student, teacher, run, now, step):
     """CARL (one block of all K) and CARP (a random partition, new every step) on the logits."""
-    a = run.args
+    a, device = run.args, student.out[0].device
     if a.block_size is None:
-        partition = torch.arange(a.num_prototypes).view(1, -1)  # (1, K)
-    else:
+        partition = torch.arange(a.num_prototypes, device=device).view(1, -1)  # (1, K)
+    else:  # made on the device from (seed, step): no copy, the same compiled or not
         partition = losses.random_partition(  # (N_P, N_B)
-            a.num_prototypes, a.block_size, a.seed, step)
-    device = student.out[0].device
-    if device.type == "cuda":  # pinned, so that copying it to the GPU does not wait for the GPU
-        partition = partition.pin_memory()
-    partition = partition.to(device, non_blocking=True)
+            a.num_prototypes, a.block_size, a.seed, step, device)
     loss, stats = losses.assignment_loss(student.out, teacher and teacher.out, now["lam"],
                                          partition, a.global_crops, pooled=a.kl == "pooled")
     return loss, stats, None
@@ -86,8 +85,8 @@ def mocov2_loss(student, teacher, run, now, step):  # queries against the key en
     return loss, stats, F.normalize(torch.cat(teacher.z).float(), dim=1)  # (2B, D): to the queue
 
 
-def swav_freeze_prototypes(model, step, steps_per_epoch):  # SwAV: they learn from epoch 1 on
-    if step < steps_per_epoch:
+def swav_freeze_prototypes(model, first_epoch):  # SwAV: they learn from epoch 1 on
+    if first_epoch:
         model.prototypes.weight.grad = None
 
 

@@ -229,16 +229,16 @@ class Queue:
             rows = F.normalize(torch.randn(size, dim, generator=g), dim=1)  # (size, dim)
             self.rows, self.filled = rows.to(device), size
         self.ptr = 0
-
-    @property
-    def full(self):
-        return self.filled == len(self.rows)
+        # a value of its own: a compiled step reads `full`, which changes once (reading `filled`
+        # there would make a new graph at every step until the queue is full)
+        self.full = self.filled == size
 
     @torch.no_grad()
     def push(self, rows):
         self.rows[self.ptr:self.ptr + len(rows)] = rows.float()
         self.ptr = (self.ptr + len(rows)) % len(self.rows)
         self.filled = min(self.filled + len(rows), len(self.rows))
+        self.full = self.filled == len(self.rows)
 
     def state_dict(self):
         return {"rows": self.rows, "ptr": self.ptr, "filled": self.filled}
@@ -246,3 +246,4 @@ class Queue:
     def load_state_dict(self, state):
         self.rows.copy_(state["rows"])
         self.ptr, self.filled = state["ptr"], state["filled"]
+        self.full = self.filled == len(self.rows)

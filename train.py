@@ -49,9 +49,9 @@ _KEYS = [set(m.defaults) for m in METHODS.values()]
 METHOD_KEYS = sorted(set.union(*_KEYS) - set.intersection(*_KEYS))
 # A continued run must keep every flag but these (speed, cadence, where things are): a new flag is
 # checked by default.
-MAY_CHANGE = ("data_dir", "download", "until_epoch", "amp", "compile", "workers", "out_dir",
-              "resume", "ckpt_every_epochs", "ckpt_every_min", "keep_every", "knn_every",
-              "knn_train_subset", "knn_test_subset", "online_probe", "log_every")
+MAY_CHANGE = ("data_dir", "download", "until_epoch", "amp", "compile", "compile_mode", "workers",
+              "out_dir", "resume", "ckpt_every_epochs", "ckpt_every_min", "keep_every",
+              "knn_every", "knn_train_subset", "knn_test_subset", "online_probe", "log_every")
 # preemption (SIGTERM; SLURM's --signal=USR1@secs before a time limit) and Ctrl-C: save, then stop
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -132,8 +132,11 @@ def parse_args(argv=None):
         help="default: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else off")
     add("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
     add("--compile", action=argparse.BooleanOptionalAction,
-        help="torch.compile the model, the teacher and the device loader's views (default: on GPU "
-             "only; the first step then takes about a minute)")
+        help="torch.compile the step (forward, loss, backward, optimizer), the teacher and the "
+             "device loader's views (default: on GPU only; the first step then takes about a "
+             "minute)")
+    add("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+        help="--compile's mode: reduce-overhead replays the step as CUDA graphs")
     add("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
         help="DataLoader processes per rank (--loader workers)")
     add("--out-dir", default="out")
@@ -421,9 +424,9 @@ def build_optimizer(args, model, lr):
 
 
 def build_run(args, device, world, steps_per_epoch, ckpt=None):
-    """Everything a step needs, as one namespace: the model (and `net`, what runs it: DDP,
-    compiled), the EMA teacher, the queue, optimizer, grad scaler, autocast and the per-step
-    schedules; from ckpt if given."""
+    """Everything a step needs, as one namespace: the model (and `net`, what runs it: DDP), the EMA
+    teacher, the queue, optimizer, grad scaler, autocast, the per-step schedules and `step`
+    (student_step, compiled under --compile); from ckpt if given."""
     torch.manual_seed(args.seed)
     method = METHODS[args.method]
     model = build_model(args)
@@ -447,12 +450,20 @@ def build_run(args, device, world, steps_per_epoch, ckpt=None):
             teacher.net.load_state_dict(ckpt["teacher"])
         if queue is not None:
             queue.load_state_dict(ckpt["queue"])
+    for group in optimizer.param_groups:  # so that a compiled step is one graph for every step:
+        for p in group["params"]:  # momentum buffers from the start (zeros, as lazily made ones)
+            buffer = optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            if args.compile:  # updated in place: CUDA graphs use it where it is, uncopied
+                torch._dynamo.mark_static_address(buffer)
+        lr = float(group["lr"])  # set every step; under --compile a device tensor, filled in place
+        group["lr"] = torch.full((), lr, device=device) if args.compile else lr
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    step = student_step
     if args.compile:
-        net = torch.compile(net)
+        step = torch.compile(student_step, mode=args.compile_mode)
         if teacher is not None:
             teacher.compile()
     if device.type == "cuda":
@@ -461,8 +472,8 @@ def build_run(args, device, world, steps_per_epoch, ckpt=None):
                               dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
     return argparse.Namespace(args=args, method=method, model=model, net=net, teacher=teacher,
                               queue=queue, optimizer=optimizer, scaler=scaler, autocast=autocast,
-                              schedules=sched, steps_per_epoch=steps_per_epoch,
-                              rank=dist.get_rank() if world > 1 else 0)
+                              schedules=sched, steps_per_epoch=steps_per_epoch, step=step,
+                              device=device, rank=dist.get_rank() if world > 1 else 0)
 
 
 # ---------------------------------------------------------------- data
@@ -537,31 +548,58 @@ def pretrain_batches(args, source, batches, rank, device, labels=None):
 
 def train_step(run, views, now, step):
     """One optimisation step on a batch of views (global crops first); `now` holds this step's
-    scheduled values. Returns (loss, stats) as device tensors."""
-    for group in run.optimizer.param_groups:
-        group["lr"] = now["lr"] * group["lr_scale"]
+    scheduled values. Returns (loss, stats) as device tensors, none read on the host. The EMA
+    teacher (forward and update) and the queue are kept here, around run.step (student_step)."""
+    a, teacher, teacher_first = run.args, run.teacher, run.method.teacher_first
     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    with run.autocast:
-        student = run.net(views)  # Outputs: z (B, D), out (B, K or D), h (B, F) per view
-        teacher = None if run.teacher is None else run.teacher(  # Outputs of the global crops
-            views[:run.args.global_crops], data.seed_of(run.args.seed, step, run.rank, 1))
-    loss, stats, push = run.method.loss(student, teacher, run, now, step)
-    run.features = [h.detach() for h in student.h[:run.args.global_crops]]  # (B, F): the probe's
-    if run.teacher and run.method.teacher_first:  # the weights this step started from
-        run.teacher.update(run.model, now["momentum"])
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    if run.method.after_backward:
-        run.method.after_backward(run.model, step, run.steps_per_epoch)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    if run.method.after_step:
-        run.method.after_step(run.model)
-    if run.teacher and not run.method.teacher_first:
-        run.teacher.update(run.model, now["momentum"])
+    targets = None
+    if teacher is not None:
+        with run.autocast:  # Outputs of the global crops
+            targets = teacher(views[:a.global_crops], data.seed_of(a.seed, step, run.rank, 1))
+        if teacher_first:  # the weights this step starts from
+            teacher.update(run.model, now["momentum"])
+    for group in run.optimizer.param_groups:  # under --compile a device tensor, filled in place
+        lr = now["lr"] * group["lr_scale"]
+        group["lr"] = group["lr"].fill_(lr) if a.compile else lr
+    now_in, step_in = now, step
+    if a.compile:  # what changes every step goes in as device tensors: new inputs, not new graphs
+        now_in = {k: torch.full((), v, device=run.device) for k, v in now.items()}  # filled there:
+        step_in = torch.full((), step, device=run.device)  # no copy from the host, no sync
+        torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new step
+    run.optimizer.zero_grad(set_to_none=True)  # here: torch.compile does not trace it
+    loss, stats, push, run.features = run.step(run, views, targets, now_in, step_in,
+                                               step < run.steps_per_epoch)
+    if teacher is not None and not teacher_first:
+        teacher.update(run.model, now["momentum"])
     if push is not None:  # every rank keeps the same queue: the rows of the global batch
         run.queue.push(losses.gather(push))
     return loss, stats
+
+
+def student_step(run, views, targets, now, step, first_epoch):
+    """The student's forward, loss, backward and optimizer step: what --compile compiles, whole
+    (its graphs break at backward, and around torch.optim's own steps); also the online probe's
+    features under --online-probe. now and step: floats and an int, or 0-d device tensors (so
+    that one set of graphs serves every step); first_epoch, a bool, changes once (SwAV's
+    prototypes learn from epoch 1)."""
+    with run.autocast:
+        student = run.net(views)  # Outputs: z (B, D), out (B, K or D), h (B, F) per view
+    loss, stats, push = run.method.loss(student, targets, run, now, step)
+    probe_in = None  # the online probe's (B, F) features of the global crops
+    if run.args.online_probe:
+        probe_in = [h.detach() for h in student.h[:run.args.global_crops]]
+    fp16 = run.args.amp == "fp16"  # the grad scaler's calls break the graph: only where needed
+    (run.scaler.scale(loss) if fp16 else loss).backward()
+    if run.method.after_backward:
+        run.method.after_backward(run.model, first_epoch)
+    if fp16:  # skips a step whose gradients overflowed (reading them on the host: a sync)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    if run.method.after_step:
+        run.method.after_step(run.model)
+    return loss, stats, push, probe_in
 
 
 class KnnMonitor:

@@ -670,9 +670,10 @@ def test_device_loader_refuses_a_split_that_does_not_fit(monkeypatch, tmp_path):
         run_main(["--method", "carl", "--workers", "0", "--out-dir", str(tmp_path / "r")])
 
 
-def test_compile_flag_compiles_the_model_and_the_device_views(monkeypatch, tmp_path):
-    """--compile hands torch.compile the model and the device loader's views (the real compile of the
-    views is tested in test_augment.py; the model's takes minutes on a CPU); both are then what runs.
+def test_compile_flag_compiles_the_step_and_the_device_views(monkeypatch, tmp_path):
+    """--compile hands torch.compile the step (student_step: forward, loss, backward, optimizer)
+    and the device loader's views (the real compile of the views is tested in test_augment.py, the
+    step's in test_compiled_step.py); both are then what runs.
     Without the flag, or with --no-compile, a CPU run compiles nothing."""
     compiled = []
 
@@ -687,11 +688,12 @@ def test_compile_flag_compiles_the_model_and_the_device_views(monkeypatch, tmp_p
     calls = {}
     monkeypatch.setattr(torch, "compile", fake_compile)
     run_main([*CARL, "--epochs", "1", "--loader", "device", "--compile", "--out-dir", str(tmp_path / "r")])
-    assert sorted(compiled) == ["Model", "make"]
-    assert calls == {"Model": 3, "make": 3}  # every one of the 3 steps
-    compiled.clear()  # with an EMA teacher its network is compiled too: student and teacher each run every step
+    assert sorted(compiled) == ["make", "student_step"]
+    assert calls == {"student_step": 3, "make": 3}  # every one of the 3 steps
+    compiled.clear()  # with an EMA teacher its network is compiled too: it runs every step
     run_main([*CARL, "--epochs", "1", "--teacher", "ema", "--compile", "--out-dir", str(tmp_path / "t")])
-    assert sorted(compiled) == ["Model", "Model", "make"] and calls == {"Model": 6, "make": 3}
+    assert sorted(compiled) == ["Model", "make", "student_step"]
+    assert calls == {"Model": 3, "student_step": 3, "make": 3}
     compiled.clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU run, also on a machine with a GPU
     for flags in ([], ["--no-compile"]):  # the default is on for a GPU only: nothing compiled on a CPU
