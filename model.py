@@ -201,8 +201,9 @@ class EMATeacher:
         if not self.bn_group or batch < 2:
             return self.run(views)
         size = max(d for d in range(1, min(self.bn_group, batch // 2) + 1) if batch % d == 0)
-        order = (torch.randperm(batch, generator=torch.Generator().manual_seed(seed))
-                 .to(views[0].device))  # (B,)
+        device = views[0].device  # drawn there: a copy from the host would wait for the GPU
+        order = torch.randperm(batch, device=device,  # (B,)
+                               generator=torch.Generator(device).manual_seed(seed))
         # the rows of torch.cat(views) group by group, a group's images in every view: (G, V, size)
         views_at = batch * torch.arange(V, device=order.device)  # (V,)
         rows = (order.view(-1, 1, size) + views_at[:, None]).flatten()  # (V B,)
