@@ -1,0 +1,239 @@
+"""The first call of a GPU window (RESULTS.md, "Table 5.2 on the GPU"): one table to choose how
+the window's 200-epoch runs go. For one method (CARL by default) at batch 256, 32 px, bf16:
+
+  bare step      forward + backward + optimizer on random views: eager, compiled, and compiled
+                 with CUDA graphs (--compile-mode reduce-overhead); views/s, the compile's seconds,
+                 peak GPU memory, and the share of the step's wall time the GPU was busy
+                 (torch.profiler: its kernels' summed time over a few steps)
+  train.py loop  train.main on the built-in synthetic data at 32 px (views made on the device),
+                 each of the three ways
+  two at once    two train.py processes side by side on the one GPU, without and with CUDA MPS
+                 (when nvidia-cuda-mps-control exists; a daemon of this user's, quit after):
+                 the aggregate views/s
+  syncs          torch.cuda.set_sync_debug_mode("warn") over 3 eager steps of every method: the
+                 host-device synchronisations counted (none should be left but .item() on log
+                 steps, which the bare step does not make)
+
+    python benchmarks/gpu_probe.py                      # on the GPU: ~5 minutes
+    python benchmarks/gpu_probe.py --steps 3 --loop-epochs 1 --batch-size 32 --image-size 16 \\
+        --parts bare loop                               # CPU smoke (eager only there)
+
+Each part is bounded by --part-seconds (a part cut short says so) and the whole by --minutes:
+what is left out is named. Prints each measurement as it comes, then the table and one JSON line.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from throughput import sync, timed  # noqa: E402
+
+MODES = (("eager", False, "default"), ("compiled", True, "default"),
+         ("cuda graphs", True, "reduce-overhead"))
+
+
+def bare(args, device, steps, profile):
+    """(views/s, compile s, peak GiB, GPU busy share or None) of the bare step built from args."""
+    torch._dynamo.reset()  # every mode compiles anew: runs in one process share the cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    run = train.build_run(args, device, 1, steps_per_epoch=10 ** 6)
+    x = [torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+         for _ in range(args.global_crops)]
+    now = {name: float(values[0]) for name, values in run.schedules.items()}
+    step = lambda: train.train_step(run, x, now, 0)  # noqa: E731
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    compile_s = time.perf_counter() - t0 if args.compile else 0.0
+    rate = args.global_crops * args.batch_size / timed(step, steps, device, warmup=2)
+    busy = None
+    if profile and device.type == "cuda":
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        try:
+            with torch.profiler.profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    step()
+                sync(device)
+                wall = time.perf_counter() - t0
+            kernels = sum(e.self_device_time_total for e in prof.key_averages()
+                          if e.device_type == torch.autograd.DeviceType.CUDA)  # microseconds
+            busy = kernels / 1e6 / wall
+        except Exception as e:  # the profiler is a nicety: the rates stand without it
+            print(f"gpu-probe: no GPU busy share ({type(e).__name__}: {e})", flush=True)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
+    return rate, compile_s, peak, busy
+
+
+def loop_flags(opts, method_flags, out):
+    return [*method_flags, "--dataset", "synthetic", "--image-size", str(opts.image_size),
+            "--batch-size", str(opts.batch_size), "--epochs", str(opts.loop_epochs),
+            "--knn-every", "0", "--log-every", "7", "--ckpt-every-min", "1e9", "--out-dir", out]
+
+
+def log_rate(out, views_per_step):
+    """views/s between the second log record and the last (start-up and compiling left out)."""
+    log = [r for r in train.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+    first, last = log[1], log[-1]
+    return views_per_step * (last["step"] - first["step"]) / (last["time"] - first["time"])
+
+
+def loop(opts, method_flags, mode_flags, views_per_step):
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        train.main([*loop_flags(opts, method_flags, out), *mode_flags])
+        return log_rate(out, views_per_step), time.perf_counter() - t0
+
+
+def two_at_once(opts, method_flags, mode_flags, views_per_step, mps):
+    """Aggregate views/s of two train.py processes started together (under MPS if asked)."""
+    env = dict(os.environ)
+    if mps:
+        env.update(CUDA_MPS_PIPE_DIRECTORY=tempfile.mkdtemp(),
+                   CUDA_MPS_LOG_DIRECTORY=tempfile.mkdtemp())
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
+    outs = [tempfile.mkdtemp() for _ in range(2)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        procs = [subprocess.Popen([sys.executable, os.path.join(root, "train.py"),
+                                   *loop_flags(opts, method_flags, out), *mode_flags], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for out in outs]
+        errors = [p.communicate()[1] for p in procs]
+        if any(p.returncode for p in procs):
+            raise RuntimeError(next(e for e in errors if e).strip().splitlines()[-1])
+        return sum(log_rate(out, views_per_step) for out in outs)
+    finally:
+        if mps:
+            subprocess.run(["nvidia-cuda-mps-control"], input="quit", text=True, env=env)
+        for out in outs:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def syncs(device, opts):
+    """{method: host-device synchronisations in 3 eager steps (after one to warm up)}."""
+    counts = {}
+    for method in train.METHODS:
+        args = train.parse_args(["--method", method, "--dataset", "cifar10", "--batch-size",
+                                 str(opts.batch_size), "--no-compile"])
+        run = train.build_run(args, device, 1, steps_per_epoch=10 ** 6)
+        x = [torch.randn(args.batch_size, 3, 32, 32, device=device) for _ in range(2)]
+        now = {name: float(values[0]) for name, values in run.schedules.items()}
+        train.train_step(run, x, now, 0)
+        sync(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for step in range(1, 4):
+                    train.train_step(run, x, now, step)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[method] = sum("synchroniz" in str(w.message) for w in caught)
+    return counts
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="carl", help="train.py's --method (and its flags after --)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30, help="timed bare steps per mode")
+    p.add_argument("--loop-epochs", type=int, default=20, help="of synthetic's 2,000 images")
+    p.add_argument("--parts", nargs="+", default=["bare", "loop", "two", "syncs"],
+                   choices=["bare", "loop", "two", "syncs"])
+    p.add_argument("--minutes", type=float, default=5.5, help="the whole probe's budget")
+    opts, extra = p.parse_known_args()
+    end = time.time() + 60 * opts.minutes
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    method_flags = ["--method", opts.method, *extra]
+    if opts.method in ("carl", "swav"):  # synthetic's and CIFAR's K, not ImageNet's
+        method_flags += ["--num-prototypes", "100"]
+    modes = MODES if cuda else MODES[:1]  # compiling on a CPU takes minutes and tells nothing here
+    print(f"{name}; PyTorch {torch.__version__}; {opts.method}, batch {opts.batch_size}, "
+          f"{opts.image_size} px; modes: {', '.join(m[0] for m in modes)}", flush=True)
+    args0 = train.parse_args([*method_flags, "--dataset", "cifar10", "--batch-size",
+                              str(opts.batch_size), "--image-size", str(opts.image_size)])
+    views = args0.global_crops * opts.batch_size
+    rows, results = [], {"machine": name, "torch": torch.__version__, "method": opts.method}
+
+    def time_left(what):
+        if time.time() < end:
+            return True
+        print(f"gpu-probe: out of time before {what}", flush=True)
+        return False
+
+    for label, compile_, mode in modes:
+        if "bare" in opts.parts and time_left(f"the bare step, {label}"):
+            a = argparse.Namespace(**{**vars(args0), "compile": compile_, "compile_mode": mode})
+            rate, comp, peak, busy = bare(a, device, opts.steps, profile=True)
+            busy_text = "" if busy is None else f", GPU busy {100 * busy:.0f}%"
+            print(f"bare step, {label:11s} {rate:9.0f} views/s, compile {comp:.0f} s, peak "
+                  f"{peak:.2f} GiB{busy_text}", flush=True)
+            rows.append((f"bare step, {label}", rate, comp, peak, busy))
+            results[f"bare_{label}"] = rate
+        if "loop" in opts.parts and time_left(f"train.py's loop, {label}"):
+            torch._dynamo.reset()
+            mode_flags = ["--compile" if compile_ else "--no-compile", "--compile-mode", mode]
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            rate, seconds = loop(opts, method_flags, mode_flags, views)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
+            print(f"train.py loop, {label:11s} {rate:9.0f} views/s ({seconds:.0f} s in all)",
+                  flush=True)
+            rows.append((f"train.py loop, {label}", rate, seconds, peak, None))
+            results[f"loop_{label}"] = rate
+    if "two" in opts.parts and cuda:
+        best = max(modes, key=lambda m: results.get(f"loop_{m[0]}", 0))
+        mode_flags = ["--compile" if best[1] else "--no-compile", "--compile-mode", best[2]]
+        has_mps = shutil.which("nvidia-cuda-mps-control") is not None
+        for mps in ([False, True] if has_mps else [False]):
+            label = f"two at once, {best[0]}{', MPS' if mps else ''}"
+            if not time_left(label):
+                break
+            try:
+                rate = two_at_once(opts, method_flags, mode_flags, views, mps)
+            except (RuntimeError, subprocess.CalledProcessError) as e:
+                print(f"{label}: failed ({e})", flush=True)
+                continue
+            print(f"{label}: {rate:9.0f} views/s together", flush=True)
+            rows.append((label, rate, None, None, None))
+            results[f"two_{'mps' if mps else 'plain'}"] = rate
+        if not has_mps:
+            print("two at once with MPS: no nvidia-cuda-mps-control on this machine", flush=True)
+    if "syncs" in opts.parts and cuda and time_left("the sync count"):
+        try:
+            results["syncs"] = syncs(device, opts)
+            print("host-device syncs in 3 eager steps: " + ", ".join(
+                f"{m} {n}" for m, n in results["syncs"].items()), flush=True)
+        except Exception as e:
+            print(f"gpu-probe: the sync count failed ({type(e).__name__}: {e})", flush=True)
+
+    print(f"\n{'measurement':34s} {'views/s':>9s} {'ratio':>6s} {'seconds':>8s} {'GiB':>6s} "
+          f"{'GPU busy':>8s}")
+    base = rows[0][1] if rows else 1.0
+    for label, rate, seconds, peak, busy in rows:
+        cells = [f"{rate:9.0f}", f"{rate / base:6.2f}",
+                 "" if seconds is None else f"{seconds:8.0f}",
+                 "" if peak is None else f"{peak:6.2f}",
+                 "" if busy is None else f"{100 * busy:7.0f}%"]
+        print(f"{label:34s} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, (9, 6, 8, 6, 8))))
+    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
