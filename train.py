@@ -638,9 +638,7 @@ class KnnMonitor:
         return self.score(self.features(backbone))
 
 
-# --online-probe's lr: on the quickstart its probe ended at 57% top-1 with 0.01; 0.003: 47, 0.03:
-# 52, 0.1: 41 (its loss rose above chance's: overshooting)
-PROBE_LR = 0.01
+PROBE_LR = 0.01  # --online-probe's: the best of 0.001 to 0.1 on the quickstart (RESULTS.md)
 
 
 class OnlineProbe:
