@@ -1,4 +1,5 @@
-"""LARS (You et al. 2017), as used by BYOL, Barlow Twins and (as LARC) SwAV, plus the parameter grouping.
+"""LARS (You et al. 2017), as used by BYOL, Barlow Twins and (as LARC) SwAV, plus the parameter
+grouping.
 
 For each parameter w with gradient g (weight decay wd, trust coefficient eta, momentum m):
     u = g + wd * w
@@ -13,7 +14,8 @@ momentum). `param_groups` builds the two conventions:
     agree up to the angle between g and w.
 The step uses torch._foreach_* ops (multi-tensor kernels on CUDA) for the norms, weight decay and
 momentum; only the trust-ratio multiply stays one small op per parameter. On a 2-core CPU this is
-no faster than a plain loop (RESULTS.md); on a GPU it cuts most of the per-parameter kernel launches.
+no faster than a plain loop (RESULTS.md); on a GPU it cuts most of the per-parameter kernel
+launches.
 """
 import torch
 
@@ -26,13 +28,14 @@ def param_groups(model, kind="lars", excluded_lr_scale=1.0):
     if kind == "larc":
         return [{"params": params, "lr_scale": 1.0}]
     return [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True,
-             "lr_scale": excluded_lr_scale}]
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0,
+             "lars_exclude": True, "lr_scale": excluded_lr_scale}]
 
 
 class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                        lars_exclude=False)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -46,7 +49,8 @@ class LARS(torch.optim.Optimizer):
                 updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
                 w_norms = torch.stack(torch._foreach_norm(params))  # (n,)
                 u_norms = torch.stack(torch._foreach_norm(updates))  # (n,)
-                trust = torch.where((w_norms > 0) & (u_norms > 0), group["eta"] * w_norms / u_norms, 1.0)  # (n,)
+                trust = torch.where((w_norms > 0) & (u_norms > 0),
+                                    group["eta"] * w_norms / u_norms, 1.0)  # (n,)
                 updates = torch._foreach_mul(updates, list(trust.unbind()))
             for w in params:
                 if "momentum_buffer" not in self.state[w]:

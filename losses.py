@@ -82,8 +82,8 @@ def global_batch_mean(p):
 
 
 def gather(x):
-    """x (B, ...) of every rank -> (N, ...), differentiable (the same bookkeeping as above); x on one
-    process. `own_rows(N)` picks this rank's rows back out."""
+    """x (B, ...) of every rank -> (N, ...), differentiable (the same bookkeeping as above); x on
+    one process. `own_rows(N)` picks this rank's rows back out."""
     return _AllGather.apply(x) if _world() > 1 else x
 
 
@@ -114,7 +114,8 @@ def random_partition(num_prototypes, block_size, seed, step, device=None):
     by hashing: every rank gets the same partition without communication, each step a different
     one, a continued run the one an uninterrupted run had, and nothing is copied to the device."""
     if num_prototypes % block_size:
-        raise ValueError(f"--num-prototypes {num_prototypes} is not divisible by --block-size {block_size}")
+        raise ValueError(f"--num-prototypes {num_prototypes} is not divisible by "
+                         f"--block-size {block_size}")
     step_key = _mix((step * 1_000_003 + (seed & _MASK)) & _MASK)  # an int, or a 0-d tensor
     keys = _mix((torch.arange(num_prototypes, device=device) + step_key) & _MASK)  # (K,) distinct
     return keys.argsort().view(-1, block_size)  # (N_P, N_B)
@@ -136,10 +137,11 @@ def kl_to_uniform(p):
 
 
 def assignment_loss(student, teacher, lam, partition, num_global=2, pooled=False):
-    """CARL / CARP over any number of views. student: V logits (B, K), the first num_global the global
-    crops; teacher: the teacher's logits (B, K) of the global crops, or None (targets: the student's
-    own global crops); partition (N_P, N_B) on the logits' device. pooled: one KL over the student's
-    and teacher's views together (the published code), else one per student view (the thesis).
+    """CARL / CARP over any number of views. student: V logits (B, K), the first num_global the
+    global crops; teacher: the teacher's logits (B, K) of the global crops, or None (targets: the
+    student's own global crops); partition (N_P, N_B) on the logits' device. pooled: one KL over
+    the student's and teacher's views together (the published code), else one per student view
+    (the thesis).
     Returns (loss, stats)."""
     block = lambda logits: logits.float()[:, partition].log_softmax(-1)  # noqa: E731 (B, N_P, N_B)
     logp = [block(x) for x in student]  # V of (B, N_P, N_B)
@@ -154,8 +156,10 @@ def assignment_loss(student, teacher, lam, partition, num_global=2, pooled=False
     with torch.no_grad():
         top = torch.cat(student).argmax(1)  # (V B,) each view's prototype over the full K
         # distinct prototypes in use, as a tensor: no host-device sync (unlike .unique().numel())
-        in_use = torch.zeros(student[0].shape[1], dtype=torch.bool, device=top.device).index_fill_(0, top, True).sum()
-        entropy = math.log(partition.shape[1]) - kl / (1 if pooled else len(logp))  # of a batch-mean assignment
+        in_use = (torch.zeros(student[0].shape[1], dtype=torch.bool, device=top.device)
+                  .index_fill_(0, top, True).sum())
+        # the entropy of a batch-mean assignment
+        entropy = math.log(partition.shape[1]) - kl / (1 if pooled else len(logp))
     stats = {"consistency": cons.detach(), "kl": kl.detach(), "entropy": entropy, "in_use": in_use}
     return loss, stats
 
@@ -183,7 +187,8 @@ def nt_xent(z_a, z_b, temperature):
 
 def byol_loss(p_a, p_b, z_a, z_b):
     """BYOL: the online predictions p (B, D) of each view regress the target network's projections
-    z (B, D) of the other view, both L2-normalised: 2 - 2 cos, both ways, summed (the paper's L + L~)."""
+    z (B, D) of the other view, both L2-normalised: 2 - 2 cos, both ways, summed
+    (the paper's L + L~)."""
     def regress(p, z):
         return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
     loss = regress(p_a, z_b) + regress(p_b, z_a)
@@ -194,9 +199,10 @@ def byol_loss(p_a, p_b, z_a, z_b):
 
 @torch.no_grad()
 def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS):
-    """SwAV's Sinkhorn-Knopp: scores (N, K) of N samples -> soft codes q (N, K) whose rows sum to 1 and
-    whose columns each sum to ~N / K (an equal share of the samples per prototype; exact as iters grows)."""
-    q = torch.exp((scores.float() - scores.max()) / eps).T  # (K, N); the max cancels in the normalising
+    """SwAV's Sinkhorn-Knopp: scores (N, K) of N samples -> soft codes q (N, K) whose rows sum to 1
+    and whose columns each sum to ~N / K (an equal share of the samples per prototype; exact as
+    iters grows)."""
+    q = torch.exp((scores.float() - scores.max()) / eps).T  # (K, N); the max cancels in normalising
     q /= q.sum()
     k, n = q.shape
     for _ in range(iters):
@@ -206,10 +212,10 @@ def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS):
 
 
 def swav_loss(scores, temperature, num_global=2, bank=None):
-    """SwAV's swapped prediction: scores V of (B, K), <normalised z, normalised prototype>, the first
-    num_global the global crops. Each global crop's codes (Sinkhorn over the global batch, with the
-    queue's scores `bank` (Q, K) in front when given) are predicted by softmax(scores / T) of every
-    other view; averaged over those pairs."""
+    """SwAV's swapped prediction: scores V of (B, K), <normalised z, normalised prototype>, the
+    first num_global the global crops. Each global crop's codes (Sinkhorn over the global batch,
+    with the queue's scores `bank` (Q, K) in front when given) are predicted by
+    softmax(scores / T) of every other view; averaged over those pairs."""
     loss, pairs = 0.0, 0
     for i in range(num_global):
         batch = gather(scores[i].detach().float())  # (N, K)
@@ -221,7 +227,8 @@ def swav_loss(scores, temperature, num_global=2, bank=None):
                 pairs += 1
     with torch.no_grad():
         top = torch.cat(scores).argmax(1)  # (V B,)
-        in_use = torch.zeros(scores[0].shape[1], dtype=torch.bool, device=top.device).index_fill_(0, top, True).sum()
+        in_use = (torch.zeros(scores[0].shape[1], dtype=torch.bool, device=top.device)
+                  .index_fill_(0, top, True).sum())
     return loss / pairs, {"in_use": in_use}
 
 
@@ -231,14 +238,15 @@ def infonce(q, k, queue, temperature):
     """InfoNCE: queries q (B, D) against their keys k (B, D) (the positives) and the queue's keys
     (Q, D) (the negatives), all L2-normalised."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.detach().float(), dim=1)
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.float().T], 1) / temperature  # (B, 1 + Q)
+    logits = torch.cat([(q * k).sum(1, keepdim=True),
+                        q @ queue.float().T], 1) / temperature  # (B, 1 + Q)
     target = torch.zeros(len(q), dtype=torch.long, device=q.device)  # the positive is column 0
     return F.cross_entropy(logits, target), (logits.argmax(1) == 0).float().mean().detach()
 
 
 def moco_loss(q_a, q_b, k_a, k_b, queue, temperature):
-    """MoCo v2, symmetrised (as its authors' CIFAR-10 demo): each view's query against the key encoder's
-    key of the other view, 0.5 each way."""
+    """MoCo v2, symmetrised (as its authors' CIFAR-10 demo): each view's query against the key
+    encoder's key of the other view, 0.5 each way."""
     loss_ab, acc_ab = infonce(q_a, k_b, queue, temperature)
     loss_ba, acc_ba = infonce(q_b, k_a, queue, temperature)
     return 0.5 * (loss_ab + loss_ba), {"pos_top1": 0.5 * (acc_ab + acc_ba)}

@@ -1,7 +1,7 @@
-"""What clusters do to runs, on CPU: preemption signals, mid-epoch checkpoints, unreadable images, a
-data directory that changed, a checkpoint write that fails (a worker killed under torchrun: see
-test_torchrun.py). Each interrupted run must end with the same weights as an uninterrupted one, every
-step logged once."""
+"""What clusters do to runs, on CPU: preemption signals, mid-epoch checkpoints, unreadable images,
+a data directory that changed, a checkpoint write that fails (a worker killed under torchrun: see
+test_torchrun.py). Each interrupted run must end with the same weights as an uninterrupted one,
+every step logged once."""
 import errno
 import multiprocessing
 import os
@@ -64,12 +64,12 @@ def device_run(tmp_path_factory):
     return out
 
 
-# ---------------------------------------------------------------- preemption and mid-epoch checkpoints
+# ---------------------------------------------------------------- preemption, mid-epoch checkpoints
 
 @pytest.mark.parametrize("loader,signum", [("device", signal.SIGTERM), ("workers", signal.SIGUSR1),
                                            ("device", signal.SIGINT)])  # SIGINT: Ctrl-C
-def test_signal_mid_epoch_then_same_command_matches_uninterrupted(tmp_path, monkeypatch, capsys, request,
-                                                                  loader, signum):
+def test_signal_mid_epoch_then_same_command_matches_uninterrupted(tmp_path, monkeypatch, capsys,
+                                                                  request, loader, signum):
     argv = [*CARL, "--loader", loader, "--workers", "2" if loader == "workers" else "0"]
     reference = request.getfixturevalue(f"{loader}_run")
     out = str(tmp_path / "run")
@@ -79,10 +79,11 @@ def test_signal_mid_epoch_then_same_command_matches_uninterrupted(tmp_path, monk
     assert e.value.code == 128 + signum
     name = signal.Signals(signum).name
     assert f"stopped by {name} after step 4 of 6 (epoch 1, step 1 of 3)" in capsys.readouterr().out
-    assert load(os.path.join(out, "run.pt"))["step"] == 4  # written at the step it stopped, mid-epoch
+    assert load(os.path.join(out, "run.pt"))["step"] == 4  # written at the stopping step, mid-epoch
     assert [r["step"] for r in read_log(out) if "loss" in r] == [0, 1, 2, 3]
     monkeypatch.undo()
-    run_main([*argv, "--out-dir", out])  # the same command: continues at step 4, nothing repeated or skipped
+    # the same command: continues at step 4, nothing repeated or skipped
+    run_main([*argv, "--out-dir", out])
     assert "continuing" in capsys.readouterr().out
     assert_same_weights(os.path.join(reference, "run.pt"), os.path.join(out, "run.pt"))
     assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(6))
@@ -99,21 +100,25 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, monkeypatch, capsys
         return out
 
     monkeypatch.setattr(train, "train_step", step_then_two_ctrl_c)
-    with pytest.raises(SystemExit, match=r"^error: stopped by a second Ctrl-C; .* holds the last run\.pt"):
+    with pytest.raises(SystemExit,
+                       match=r"^error: stopped by a second Ctrl-C; .* holds the last run\.pt"):
         run_main([*CARL, "--out-dir", str(tmp_path / "run")])
     assert "Ctrl-C again: now, unsaved" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where", ["file", "under-a-file", "read-only"])
 def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, where):
-    monkeypatch.setattr(train, "load_pretrain_data", lambda *a: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(train, "load_pretrain_data",
+                        lambda *a: pytest.fail("data loaded before the check"))
     (tmp_path / "f").write_text("a file")
-    out = {"file": tmp_path / "f", "under-a-file": tmp_path / "f" / "run", "read-only": tmp_path / "ro" / "run"}
+    out = {"file": tmp_path / "f", "under-a-file": tmp_path / "f" / "run",
+           "read-only": tmp_path / "ro" / "run"}
     if where == "read-only":  # root writes through permission bits, so the refusal is simulated
         def refuse(dir, prefix):
             raise PermissionError(13, "Permission denied")
         monkeypatch.setattr(train.tempfile, "mkdtemp", refuse)
-    match = {"file": r"--out-dir .*f is a file, not a folder$", "under-a-file": r"cannot be made: .*f is a file$",
+    match = {"file": r"--out-dir .*f is a file, not a folder$",
+             "under-a-file": r"cannot be made: .*f is a file$",
              "read-only": r"--out-dir .*run cannot be written \(.*: Permission denied\)$"}[where]
     with pytest.raises(SystemExit, match=match):
         run_main([*CARL, "--out-dir", str(out[where])])
@@ -130,7 +135,8 @@ def test_knn_skipped_by_a_stop_at_an_epoch_end_runs_on_continuing(tmp_path, monk
     monkeypatch.undo()
     run_main(argv)
     assert "knn ep 1:" in capsys.readouterr().out
-    assert [r["step"] for r in read_log(str(tmp_path / "run")) if "knn_top1" in r] == [0, 3, 6]  # each once
+    assert [r["step"] for r in read_log(str(tmp_path / "run"))
+            if "knn_top1" in r] == [0, 3, 6]  # each once
 
 
 def test_views_do_not_depend_on_the_worker_count(tmp_path, workers_run):
@@ -142,11 +148,14 @@ def test_views_do_not_depend_on_the_worker_count(tmp_path, workers_run):
 def test_checkpoints_inside_an_epoch(tmp_path, monkeypatch):
     saved = []
     real = train.atomic_save
-    monkeypatch.setattr(train, "atomic_save", lambda obj, path: (saved.append(obj.get("step")), real(obj, path)))
+    monkeypatch.setattr(train, "atomic_save",
+                        lambda obj, path: (saved.append(obj.get("step")), real(obj, path)))
     clock = iter(range(0, 10 ** 9, 100))  # every call to time.time() is 100 s later than the last
     monkeypatch.setattr(train.time, "time", lambda: next(clock))
-    run_main([*CARL, "--ckpt-every-min", "1", "--out-dir", str(tmp_path / "r")])  # 60 s: due after every step
-    assert [s for s in saved if s is not None] == [1, 2, 3, 4, 5, 6]  # run.pt after every step, not only 3 and 6
+    run_main([*CARL, "--ckpt-every-min", "1",  # 60 s: due after every step
+              "--out-dir", str(tmp_path / "r")])
+    # run.pt after every step, not only 3 and 6
+    assert [s for s in saved if s is not None] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
@@ -154,17 +163,18 @@ def test_real_sigterm_to_the_process_group(tmp_path):
     """A scheduler's SIGTERM reaches the main process and its DataLoader workers: the run stops at a
     step, writes run.pt there and exits 143; the same command continues to the end."""
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "train.py", *CARL, "--epochs", "8", "--loader", "workers", "--workers", "1",
-           "--out-dir", out]
+    cmd = [sys.executable, "train.py", *CARL, "--epochs", "8", "--loader", "workers",
+           "--workers", "1", "--out-dir", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
     STARTED.append(p)
     wait_for_step(out, 1, p)
     os.killpg(p.pid, signal.SIGTERM)
     text = p.communicate(timeout=600)[0]
     assert p.returncode == 143, text
-    stopped = [line for line in text.splitlines() if line.startswith("stopped by SIGTERM after step")]
+    stopped = [line for line in text.splitlines()
+               if line.startswith("stopped by SIGTERM after step")]
     assert stopped, text
     step = int(stopped[0].split()[5])
     assert 1 < step < 24 and load(os.path.join(out, "run.pt"))["step"] == step
@@ -198,10 +208,10 @@ def test_a_loss_that_is_not_finite_stops_the_run_before_any_save(tmp_path, monke
         return (loss * float("nan") if len(calls) == 5 else loss), stats
     calls = []
     monkeypatch.setattr(train.losses, "assignment_loss", nan_at_step_4)
-    with pytest.raises(SystemExit, match=r"^error: the loss is not finite at step 4 \(nan on rank 0\); lower --lr, or "
-                                         r"raise --lam-start$"):
+    with pytest.raises(SystemExit, match=r"^error: the loss is not finite at step 4 "
+                                         r"\(nan on rank 0\); lower --lr, or raise --lam-start$"):
         run_main([*CARL, "--out-dir", str(tmp_path / "r")])
-    assert load(tmp_path / "r" / "run.pt")["step"] == 3  # epoch 0's checkpoint; nothing written after the nan
+    assert load(tmp_path / "r" / "run.pt")["step"] == 3  # epoch 0's checkpoint; none after the nan
 
 
 # ---------------------------------------------------------------- failed writes
@@ -220,8 +230,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
         return real(obj, path, *a, **kw)
 
     monkeypatch.setattr(torch, "save", full_disk_on_second_run_pt)
-    with pytest.raises(SystemExit, match=r"could not write .*run\.pt \(OSError: \[Errno 28\] No space left on "
-                                         r"device\); the previous one is intact"):
+    with pytest.raises(SystemExit, match=r"could not write .*run\.pt \(OSError: \[Errno 28\] "
+                                         r"No space left on device\); the previous one is intact"):
         run_main([*CARL, "--out-dir", str(out)])
     assert load(out / "run.pt")["step"] == 3  # epoch 0's checkpoint, untouched
     assert not list(out.glob("*.tmp"))
@@ -244,8 +254,8 @@ def image_tree(root, per_class=4, px=16):
     return root
 
 
-FOLDER = ["--dataset", "imagefolder", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "0",
-          "--knn-every", "0", "--log-every", "1"]
+FOLDER = ["--dataset", "imagefolder", "--image-size", "16", "--batch-size", "8", "--epochs", "2",
+          "--workers", "0", "--knn-every", "0", "--log-every", "1"]
 
 
 @pytest.mark.parametrize("loader,workers", [("device", "0"), ("workers", "1")])
@@ -253,7 +263,8 @@ def test_unreadable_image_names_the_file_and_keeps_the_checkpoint(tmp_path, load
     tree = image_tree(tmp_path / "data")
     argv = [*FOLDER, "--data-dir", str(tree), "--loader", loader, "--workers", workers,
             "--out-dir", str(tmp_path / "out")]
-    run_main([*argv, "--until-epoch", "1"])  # a good first epoch (and, for the device loader, a decoded cache)
+    # a good first epoch (and, for the device loader, a decoded cache)
+    run_main([*argv, "--until-epoch", "1"])
     ckpt = tmp_path / "out" / "run.pt"
     fp = fingerprint(ckpt)
     bad = tree / "train" / "c3" / "2.png"
@@ -261,8 +272,9 @@ def test_unreadable_image_names_the_file_and_keeps_the_checkpoint(tmp_path, load
     with pytest.raises(SystemExit, match=rf"^error: cannot read image {bad}: ") as e:
         run_main(argv)
     assert fingerprint(ckpt) == fp
-    # the DataLoader workers are gone although the error's traceback is still held (here by pytest): they ignore
-    # SIGTERM, so workers left alive would make the process wait for them forever at exit
+    # the DataLoader workers are gone although the error's traceback is still held (here by
+    # pytest): they ignore SIGTERM, so workers left alive would make the process wait for them
+    # forever at exit
     assert e.value.__traceback__ is not None and multiprocessing.active_children() == []
 
 
@@ -271,8 +283,8 @@ def test_changed_data_dir_is_refused(tmp_path):
     argv = [*FOLDER, "--data-dir", str(tree), "--out-dir", str(tmp_path / "out")]
     run_main([*argv, "--until-epoch", "1"])
     Image.new("RGB", (16, 16)).save(tree / "train" / "c0" / "extra.png")
-    with pytest.raises(SystemExit, match=r"imagefolder under .* now has 41 images in 10 classes, but .*run\.pt was "
-                                         r"trained on 40 in 10"):
+    with pytest.raises(SystemExit, match=r"imagefolder under .* now has 41 images in 10 classes, "
+                                         r"but .*run\.pt was trained on 40 in 10"):
         run_main(argv)
 
 

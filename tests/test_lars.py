@@ -8,7 +8,8 @@ import lars
 
 
 def ref_lars(w, grads, lrs, wd, eta, m, exclude):
-    """Plain-Python LARS on a flat list of floats: u = g + wd w; u *= eta |w| / |u|; v = m v + u; w -= lr v."""
+    """Plain-Python LARS on a flat list of floats: u = g + wd w; u *= eta |w| / |u|; v = m v + u;
+    w -= lr v."""
     w, v = list(w), [0.0] * len(w)
     for g, lr in zip(grads, lrs):
         if exclude:
@@ -40,7 +41,8 @@ def test_weight_matrix_first_step_by_hand():
     w = nn.Parameter(torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64))
     g = torch.tensor([[0.3, 0.0], [0.0, 0.4]], dtype=torch.float64)
     opt = run_steps(w, [g], [0.5], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.001)
-    torch.testing.assert_close(w.detach(), torch.tensor([[2.9985, 0.0], [0.0, 3.998]], dtype=torch.float64))
+    torch.testing.assert_close(w.detach(),
+                               torch.tensor([[2.9985, 0.0], [0.0, 3.998]], dtype=torch.float64))
     torch.testing.assert_close(opt.state[w]["momentum_buffer"],
                                torch.tensor([[0.003, 0.0], [0.0, 0.004]], dtype=torch.float64))
 
@@ -65,7 +67,8 @@ def test_excluded_bias_by_hand_no_wd_no_trust_ratio():
     # v1 = g1 = (.5, .5); b1 = (1, -2) - .5 v1 = (.75, -2.25)
     # v2 = .9 v1 + g2 = (1.45, -.55); b2 = b1 - .5 v2 = (.025, -1.975)
     b = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
-    grads = [torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64)]
+    grads = [torch.tensor([0.5, 0.5], dtype=torch.float64),
+             torch.tensor([1.0, -1.0], dtype=torch.float64)]
     run_steps(b, grads[:1], [0.5], group_extra={"lars_exclude": True},
               lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.001)
     torch.testing.assert_close(b.detach(), torch.tensor([0.75, -2.25], dtype=torch.float64))
@@ -90,9 +93,10 @@ def test_param_groups_with_lars_handles_weights_and_bn():
         opt.step()
     for n, p in net.named_parameters():
         exclude = p.ndim == 1
-        expected = ref_lars(w0[n].flatten().tolist(), all_grads[n], [0.2, 0.2], wd=0.05, eta=0.01, m=0.9,
-                            exclude=exclude)
-        torch.testing.assert_close(p.detach().flatten(), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+        expected = ref_lars(w0[n].flatten().tolist(), all_grads[n], [0.2, 0.2], wd=0.05, eta=0.01,
+                            m=0.9, exclude=exclude)
+        torch.testing.assert_close(p.detach().flatten(), torch.tensor(expected),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_larc_groups_trust_scale_and_decay_every_parameter():
@@ -113,9 +117,10 @@ def test_larc_groups_trust_scale_and_decay_every_parameter():
             all_grads[n].append(p.grad.flatten().tolist())
         opt.step()
     for n, p in net.named_parameters():
-        expected = ref_lars(w0[n].flatten().tolist(), all_grads[n], [0.3, 0.3], wd=0.05, eta=0.01, m=0.9,
-                            exclude=False)
-        torch.testing.assert_close(p.detach().flatten(), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+        expected = ref_lars(w0[n].flatten().tolist(), all_grads[n], [0.3, 0.3], wd=0.05, eta=0.01,
+                            m=0.9, exclude=False)
+        torch.testing.assert_close(p.detach().flatten(), torch.tensor(expected),
+                                   rtol=1e-5, atol=1e-6)
     # under "lars" the same biases would have taken plain SGD steps: the results differ
     assert len(lars.param_groups(net, "lars")) == 2
 

@@ -61,13 +61,15 @@ def naive_carp(la, lb, lam, partition):
 
 
 def carl_loss(logits_a, logits_b, lam):
-    """CARL as train.py calls it: two views (B, K), one block holding all K prototypes, no teacher."""
+    """CARL as train.py calls it: two views (B, K), one block holding all K prototypes, no
+    teacher."""
     whole = torch.arange(logits_a.shape[1]).view(1, -1)  # (1, K)
     return losses.assignment_loss([logits_a, logits_b], None, lam, whole)
 
 
 def carp_loss(logits_a, logits_b, lam, partition):
-    """CARP as train.py calls it: two views (B, K), a partition (N_P, N_B) from random_partition, no teacher."""
+    """CARP as train.py calls it: two views (B, K), a partition (N_P, N_B) from random_partition,
+    no teacher."""
     return losses.assignment_loss([logits_a, logits_b], None, lam, partition)
 
 
@@ -241,7 +243,8 @@ def test_lambda_weighting():
         l3, s3 = fn(3.0)
         assert s0["kl"].item() > 1e-3  # non-trivial KL so that lam matters
         assert l0.item() == pytest.approx(s0["consistency"].item(), rel=1e-6)
-        assert l3.item() == pytest.approx(s3["consistency"].item() + 3.0 * s3["kl"].item(), rel=1e-6)
+        assert l3.item() == pytest.approx(s3["consistency"].item() + 3.0 * s3["kl"].item(),
+                                          rel=1e-6)
         assert (l3 - l0).item() == pytest.approx(3.0 * s0["kl"].item(), rel=1e-5)
 
 
@@ -311,8 +314,9 @@ def test_partition_deterministic_in_seed_and_step():
 def test_partition_identical_in_a_separate_process():
     code = ("import sys, losses; "
             "print([losses.random_partition(60, 15, seed=2, step=s).tolist() for s in (0, 9)])")
+    # timeout=600: a hang guard (torch's import on a loaded machine)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=600).stdout.strip()  # a hang guard: torch's import on a loaded machine
+                         check=True, timeout=600).stdout.strip()
     here = [losses.random_partition(60, 15, seed=2, step=s).tolist() for s in (0, 9)]
     assert out == str(here)
 
@@ -323,11 +327,11 @@ def test_partition_rejects_non_divisible(k, n_b):
         losses.random_partition(k, n_b, seed=0, step=0)
 
 
-# ---------------------------------------------------------------- CARL / CARP over any number of views
+# ---------------------------------------------------------------- CARL / CARP, any number of views
 
 def todays_carp_loss(logits_a, logits_b, lam, partition):
-    """losses.carp_loss as it was written before multi-view (the thesis's two views, no teacher), kept here
-    verbatim in substance: the multi-view function must give exactly this."""
+    """losses.carp_loss as it was written before multi-view (the thesis's two views, no teacher),
+    kept here verbatim in substance: the multi-view function must give exactly this."""
     logits_a, logits_b = logits_a.float(), logits_b.float()
     logp_a, logp_b = logits_a[:, partition].log_softmax(-1), logits_b[:, partition].log_softmax(-1)
     cons = 0.5 * losses.consistency(logp_a, logp_b) + 0.5 * losses.consistency(logp_b, logp_a)
@@ -355,7 +359,8 @@ def naive_multiview(student, teacher, lam, partition, pooled):
         for j, t in enumerate(targets):
             if i == j:
                 continue
-            cons = cons + sum(naive_one_way(s[:, blk], t[:, blk].detach()) for blk in partition) / len(partition)
+            cons = cons + sum(naive_one_way(s[:, blk], t[:, blk].detach())
+                              for blk in partition) / len(partition)
             pairs += 1
     def kl(x):
         return sum(naive_kl_blocks(x[:, blk]) for blk in partition) / len(partition)
@@ -371,13 +376,15 @@ def naive_kl_blocks(logits):
     return (pbar * (pbar * logits.shape[1]).log()).sum()
 
 
-@pytest.mark.parametrize("teacher,pooled", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("teacher,pooled",
+                         [(False, False), (True, False), (True, True), (False, True)])
 def test_multiview_loss_matches_the_equations(teacher, pooled):
     g = torch.Generator().manual_seed(5)
     student = [torch.randn(6, 12, generator=g) * 2 for _ in range(5)]  # 2 global + 3 local crops
     teach = [torch.randn(6, 12, generator=g) * 2 for _ in range(2)] if teacher else None
     part = losses.random_partition(12, 4, seed=0, step=1)
-    ours, ours_g = grads(lambda *s: losses.assignment_loss(list(s), teach, 1.3, part, 2, pooled)[0], *student)
+    ours, ours_g = grads(lambda *s: losses.assignment_loss(list(s), teach, 1.3, part, 2, pooled)[0],
+                         *student)
     ref, ref_g = grads(lambda *s: naive_multiview(list(s), teach, 1.3, part, pooled)[0], *student)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     for a, b in zip(ours_g, ref_g):
@@ -385,8 +392,8 @@ def test_multiview_loss_matches_the_equations(teacher, pooled):
 
 
 def test_published_recipe_pairs_and_pooled_kl():
-    """2 global + 6 local crops against the teacher's 2 global ones: 14 pairs of equal weight; the teacher
-    gets no gradient, and the pooled KL of 8 identical uniform-mean views is 0."""
+    """2 global + 6 local crops against the teacher's 2 global ones: 14 pairs of equal weight; the
+    teacher gets no gradient, and the pooled KL of 8 identical uniform-mean views is 0."""
     g = torch.Generator().manual_seed(6)
     student = [torch.randn(4, 8, generator=g).requires_grad_(True) for _ in range(8)]
     teach = [torch.randn(4, 8, generator=g).requires_grad_(True) for _ in range(2)]
@@ -394,16 +401,19 @@ def test_published_recipe_pairs_and_pooled_kl():
     loss, stats = losses.assignment_loss(student, teach, 1.0, whole, 2, pooled=True)
     loss.backward()
     assert all(t.grad is None for t in teach) and all(s.grad is not None for s in student)
-    expected = sum(naive_one_way(s, teach[j]) for i, s in enumerate(student) for j in range(2) if i != j) / 14
+    expected = sum(naive_one_way(s, teach[j])
+                   for i, s in enumerate(student) for j in range(2) if i != j) / 14
     assert stats["consistency"].item() == pytest.approx(expected.item(), rel=1e-5)
-    eye = [torch.eye(8) * 40 for _ in range(8)]  # each view spreads the batch of 8 over all 8 prototypes
-    assert losses.assignment_loss(eye, eye[:2], 1.0, whole, 2, pooled=True)[1]["kl"].item() == pytest.approx(0, abs=1e-6)
+    eye = [torch.eye(8) * 40 for _ in range(8)]  # each view spreads the batch over all 8 prototypes
+    assert (losses.assignment_loss(eye, eye[:2], 1.0, whole, 2, pooled=True)[1]["kl"].item()
+            == pytest.approx(0, abs=1e-6))
 
 
 # ---------------------------------------------------------------- SimCLR
 
 def naive_nt_xent(za, zb, t):
-    """SimCLR's eq. 1, anchor by anchor: l(i, j) = -log exp(s_ij / t) / sum_{k != i} exp(s_ik / t), over all 2N."""
+    """SimCLR's eq. 1, anchor by anchor: l(i, j) = -log exp(s_ij / t) / sum_{k != i} exp(s_ik / t),
+    over all 2N."""
     z = F.normalize(torch.cat([za, zb]), dim=1)
     n = len(za)
     total = 0.0
@@ -442,13 +452,15 @@ def test_byol_loss_matches_the_paper_and_stops_the_target_gradient():
     pa, pb, za, zb = (torch.randn(5, 6, generator=g) for _ in range(4))
     ours, (gpa, gpb, gza, gzb) = grads(lambda *x: losses.byol_loss(*x)[0], pa, pb, za, zb)
     def nmse(p, z):  # ||p / |p| - z / |z| ||^2, the paper's eq. 2
-        return ((p / p.norm(dim=1, keepdim=True) - z.detach() / z.detach().norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
+        return ((p / p.norm(dim=1, keepdim=True)
+                 - z.detach() / z.detach().norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
     ref, (rpa, rpb, _, _) = grads(lambda a, b, c, d: nmse(a, d) + nmse(b, c), pa, pb, za, zb)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(gpa, rpa, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gpb, rpb, rtol=1e-4, atol=1e-6)
     assert not gza.any() and not gzb.any()  # the targets receive no gradient
-    assert losses.byol_loss(za, zb, zb * 3, za * 2)[0].item() == pytest.approx(0, abs=1e-6)  # aligned: 0
+    # aligned: 0
+    assert losses.byol_loss(za, zb, zb * 3, za * 2)[0].item() == pytest.approx(0, abs=1e-6)
 
 
 # ---------------------------------------------------------------- SwAV
@@ -472,7 +484,8 @@ def test_sinkhorn_matches_the_algorithm_and_balances_the_prototypes():
     torch.testing.assert_close(q, naive_sinkhorn(scores, 0.05, 3), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(q.sum(1), torch.ones(40))  # each sample's code is a distribution
     # each prototype's share approaches N / K as the iterations go on, and is exact in the limit
-    spread = [(losses.sinkhorn(scores, iters=n).sum(0) - 40 / 5).abs().sum().item() for n in (0, 1, 3, 10, 30)]
+    spread = [(losses.sinkhorn(scores, iters=n).sum(0) - 40 / 5).abs().sum().item()
+              for n in (0, 1, 3, 10, 30)]
     assert all(a > b for a, b in zip(spread, spread[1:])), spread
     exact = losses.sinkhorn(scores, iters=300)
     torch.testing.assert_close(exact.sum(0), torch.full((5,), 8.0), rtol=1e-3, atol=1e-3)
@@ -481,7 +494,8 @@ def test_sinkhorn_matches_the_algorithm_and_balances_the_prototypes():
 
 def test_swav_loss_matches_the_paper():
     g = torch.Generator().manual_seed(9)
-    scores = [F.normalize(torch.randn(8, 4, generator=g), dim=1) for _ in range(3)]  # 2 global + 1 local crop
+    scores = [F.normalize(torch.randn(8, 4, generator=g), dim=1)
+              for _ in range(3)]  # 2 global + 1 local crop
     bank = F.normalize(torch.randn(16, 4, generator=g), dim=1)
 
     def ref(*s, bank=None):
@@ -489,7 +503,8 @@ def test_swav_loss_matches_the_paper():
         for i in range(2):
             rows = torch.cat([bank, s[i].detach()]) if bank is not None else s[i].detach()
             q = naive_sinkhorn(rows, 0.05, 3)[-8:]
-            total = total + sum(-(q * (s[v] / 0.1).log_softmax(1)).sum(1).mean() for v in range(3) if v != i)
+            total = total + sum(-(q * (s[v] / 0.1).log_softmax(1)).sum(1).mean()
+                                for v in range(3) if v != i)
         return total / 4
     for b in (None, bank):
         ours, ours_g = grads(lambda *s: losses.swav_loss(list(s), 0.1, 2, b)[0], *scores)
@@ -497,7 +512,8 @@ def test_swav_loss_matches_the_paper():
         assert ours.item() == pytest.approx(theirs.item(), rel=1e-4)
         for a, c in zip(ours_g, theirs_g):
             torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-6)
-    assert losses.swav_loss(scores, 0.1, 2, bank)[0].item() != pytest.approx(losses.swav_loss(scores, 0.1)[0].item())
+    assert (losses.swav_loss(scores, 0.1, 2, bank)[0].item()
+            != pytest.approx(losses.swav_loss(scores, 0.1)[0].item()))
 
 
 # ---------------------------------------------------------------- MoCo v2
@@ -509,10 +525,13 @@ def test_moco_loss_matches_the_paper_and_stops_the_key_gradient():
 
     def info_nce(q, k):  # eq. 1 of MoCo: -log exp(q.k+ / t) / (exp(q.k+ / t) + sum exp(q.k- / t))
         q, k = F.normalize(q, dim=1), F.normalize(k.detach(), dim=1)
-        return sum(-((q[i] @ k[i]) / 0.2 - torch.logsumexp(torch.cat([(q[i] @ k[i]).view(1), queue @ q[i]]) / 0.2, 0))
+        return sum(-((q[i] @ k[i]) / 0.2
+                     - torch.logsumexp(torch.cat([(q[i] @ k[i]).view(1), queue @ q[i]]) / 0.2, 0))
                    for i in range(len(q))) / len(q)
-    ours, (gqa, gqb, gka, gkb) = grads(lambda *x: losses.moco_loss(*x, queue, 0.2)[0], qa, qb, ka, kb)
-    ref, (rqa, rqb, _, _) = grads(lambda a, b, c, d: 0.5 * (info_nce(a, d) + info_nce(b, c)), qa, qb, ka, kb)
+    ours, (gqa, gqb, gka, gkb) = grads(lambda *x: losses.moco_loss(*x, queue, 0.2)[0],
+                                       qa, qb, ka, kb)
+    ref, (rqa, rqb, _, _) = grads(lambda a, b, c, d: 0.5 * (info_nce(a, d) + info_nce(b, c)),
+                                  qa, qb, ka, kb)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(gqa, rqa, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gqb, rqb, rtol=1e-4, atol=1e-6)

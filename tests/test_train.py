@@ -24,15 +24,17 @@ import evaluate
 import model as models
 import train
 
-BASE = ["--dataset", "synthetic", "--train-subset", "120", "--batch-size", "32", "--image-size", "8",
-        "--workers", "0", "--epochs", "2", "--log-every", "1", "--knn-every", "0"]
+BASE = ["--dataset", "synthetic", "--train-subset", "120", "--batch-size", "32",
+        "--image-size", "8", "--workers", "0", "--epochs", "2", "--log-every", "1",
+        "--knn-every", "0"]
 CARL = ["--method", "carl", *BASE]
 CARP = ["--method", "carp", "--num-prototypes", "100", "--block-size", "25", *BASE]
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def first_batch(argv):
-    """A run built in-process from train.py's flags, its first batch of views and step 0's scheduled values."""
+    """A run built in-process from train.py's flags, its first batch of views and step 0's scheduled
+    values."""
     args = train.parse_args(argv)
     source, labels = train.load_pretrain_data(args, torch.device("cpu"), None)
     run = train.build_run(args, torch.device("cpu"), 1, steps_per_epoch=3)
@@ -53,8 +55,8 @@ def read_log(out_dir):
 
 
 def fingerprint(path):
-    """Content, size, time and inode: a rewrite with the same bytes within one tick of a coarse clock still
-    shows (atomic_save's rename makes a new inode)."""
+    """Content, size, time and inode: a rewrite with the same bytes within one tick of a coarse
+    clock still shows (atomic_save's rename makes a new inode)."""
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     st = os.stat(path)
@@ -73,8 +75,8 @@ def assert_same_weights(a, b):
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=1e-6, msg=k)
     for pid, st in a["optimizer"]["state"].items():
-        torch.testing.assert_close(b["optimizer"]["state"][pid]["momentum_buffer"], st["momentum_buffer"],
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(b["optimizer"]["state"][pid]["momentum_buffer"],
+                                   st["momentum_buffer"], rtol=0, atol=1e-6)
     for part in ("teacher", "queue"):  # the EMA teacher's weights, the queue's rows and place
         assert (a.get(part) is None) == (b.get(part) is None), part
         for k, v in (a.get(part) or {}).items():
@@ -114,10 +116,11 @@ def test_run_writes_outputs_and_logs_every_step(which, request):
             assert key in r
         assert r["loss"] == pytest.approx(r["consistency"] + r["lam"] * r["kl"], rel=1e-4)
         assert 1 <= r["in_use"] <= 64  # distinct argmax prototypes over the 2 x 32 views
-    if which == "carl":  # CARP's loss over 6 fresh batches is not monotone at this size: the test below covers it
+    # CARP's loss over 6 fresh batches is not monotone at this size: the test below covers it
+    if which == "carl":
         ep0 = [r["loss"] for r in log if r["epoch"] == 0]
         ep1 = [r["loss"] for r in log if r["epoch"] == 1]
-        assert sum(ep1) / len(ep1) < sum(ep0) / len(ep0) - 1e-3  # epoch means: single steps are noisy
+        assert sum(ep1) / len(ep1) < sum(ep0) / len(ep0) - 1e-3  # epoch means: one step is noisy
     base_lr = train.parse_args(["--method", which]).lr  # synthetic's
     assert log[0]["lr"] == pytest.approx(base_lr * 32 / 256)  # lr scaled by batch / 256
     assert log[-1]["lr"] < log[0]["lr"] and log[-1]["lam"] < log[0]["lam"]
@@ -126,10 +129,12 @@ def test_run_writes_outputs_and_logs_every_step(which, request):
 @pytest.mark.parametrize("which", ["carl", "carp"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_steps_on_one_batch_lower_its_loss(which, seed):
-    """The loss, the backward and the optimizer step together descend: 4 steps on one fixed batch (same views,
-    same partition, float32 on any CPU) lower that batch's loss at each step."""
-    run, views, now = first_batch([*{"carl": CARL, "carp": CARP}[which], "--amp", "off", "--seed", str(seed)])
-    losses = [train.train_step(run, views, now, 0)[0].item() for _ in range(4)]  # now: step 0's lr and lambda
+    """The loss, the backward and the optimizer step together descend: 4 steps on one fixed batch
+    (same views, same partition, float32 on any CPU) lower that batch's loss at each step."""
+    run, views, now = first_batch([*{"carl": CARL, "carp": CARP}[which], "--amp", "off",
+                                   "--seed", str(seed)])
+    losses = [train.train_step(run, views, now, 0)[0].item()  # now: step 0's lr and lambda
+              for _ in range(4)]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.85 * losses[0], losses
 
@@ -147,7 +152,7 @@ def test_run_pt_contents(which, request):
     prototypes = ckpt["model"]["out.weight" if which == "carl" else "out.3.weight"]
     assert prototypes.shape == (100, 128 if which == "carl" else 512)
     assert ckpt["optimizer"]["state"]  # momentum buffers were saved
-    assert ckpt["teacher"] is None and ckpt["queue"] is None  # the thesis's CARL and CARP have neither
+    assert ckpt["teacher"] is None and ckpt["queue"] is None  # the thesis's CARL, CARP have neither
     m = train.build_model(train.parse_args({"carl": CARL, "carp": CARP}[which]))
     m.load_state_dict(ckpt["model"])  # strict
     sd = load(os.path.join(out, "backbone.pt"))  # the backbone of the same final model
@@ -161,9 +166,11 @@ def test_lars_gives_biases_and_bn_a_scaled_lr(carp_run):
     ckpt = load(os.path.join(carp_run, "run.pt"))
     weights, excluded = ckpt["optimizer"]["param_groups"]
     assert ckpt["args"]["optimizer"] == "lars"
-    assert excluded["lars_exclude"] and excluded["weight_decay"] == 0 and not weights["lars_exclude"]
+    assert (excluded["lars_exclude"] and excluded["weight_decay"] == 0
+            and not weights["lars_exclude"])
     assert weights["lr"] > 0
-    assert excluded["lr"] == pytest.approx(weights["lr"] * 0.024) and ckpt["args"]["bias_lr_scale"] == 0.024
+    assert (excluded["lr"] == pytest.approx(weights["lr"] * 0.024)
+            and ckpt["args"]["bias_lr_scale"] == 0.024)
 
 
 @pytest.mark.parametrize("optimizer,groups", [("larc", 1), ("lars", 2), ("sgd", 1)])
@@ -172,12 +179,14 @@ def test_optimizer_kinds(optimizer, groups):
     opt = train.build_optimizer(args, train.build_model(args), 0.1)
     assert len(opt.param_groups) == groups
     assert isinstance(opt, torch.optim.SGD if optimizer == "sgd" else train.lars.LARS)
-    if optimizer == "larc":  # every parameter, biases and BatchNorm included, decayed and trust-scaled
-        assert not opt.param_groups[0]["lars_exclude"] and opt.param_groups[0]["weight_decay"] == 5e-4
+    if optimizer == "larc":  # every parameter, biases and BN included, decayed and trust-scaled
+        assert (not opt.param_groups[0]["lars_exclude"]
+                and opt.param_groups[0]["weight_decay"] == 5e-4)
 
 
 def assert_loads_into_torchvision(path):
-    """backbone.pt loads into torchvision's resnet18 (with the CIFAR stem) with only `fc` missing; returns it."""
+    """backbone.pt loads into torchvision's resnet18 (with the CIFAR stem) with only `fc` missing;
+    returns it."""
     sd = load(path)
     net = torchvision.models.resnet18(weights=None)
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -192,7 +201,8 @@ def test_backbone_pt_loads_into_torchvision(which, request):
     out = request.getfixturevalue(f"{which}_run")
     sd = assert_loads_into_torchvision(os.path.join(out, "backbone.pt"))
     torch.manual_seed(0)  # trained: the weights moved away from the seed-0 initialisation
-    fresh = train.build_model(train.parse_args({"carl": CARL, "carp": CARP}[which])).backbone.state_dict()
+    fresh = (train.build_model(train.parse_args({"carl": CARL, "carp": CARP}[which]))
+             .backbone.state_dict())
     assert not torch.equal(fresh["conv1.weight"], sd["conv1.weight"])
 
 
@@ -200,7 +210,8 @@ def test_backbone_pt_loads_into_torchvision(which, request):
     (["--method", "carl"], "carl", "device"), (["--method", "carp"], "carp", "device"),
     (["--method", "carp", "--views", "carl"], "carl", "device"),
     (["--dataset", "cifar10"], "carl", "device"), (["--dataset", "stl10"], "carl", "device"),
-    (["--dataset", "imagefolder"], "carl", "workers"),  # 224 px trees (ImageNet) do not fit in memory
+    # 224 px trees (ImageNet) do not fit in memory
+    (["--dataset", "imagefolder"], "carl", "workers"),
     (["--dataset", "imagefolder", "--image-size", "32"], "carl", "device"),
     (["--dataset", "cifar10", "--loader", "workers"], "carl", "workers")])
 def test_views_and_loader_defaults(argv, views, loader):
@@ -208,8 +219,9 @@ def test_views_and_loader_defaults(argv, views, loader):
     assert (args.views, args.loader) == (views, loader)
 
 
-@pytest.mark.parametrize("capability,flag,native", [("AVX512", True, True), ("AVX512", False, False),
-                                                   ("AVX2", True, False), ("DEFAULT", True, False)])
+@pytest.mark.parametrize("capability,flag,native",
+                         [("AVX512", True, True), ("AVX512", False, False),
+                          ("AVX2", True, False), ("DEFAULT", True, False)])
 def test_bf16_only_where_native(monkeypatch, capability, flag, native):
     # ATEN_CPU_CAPABILITY=avx2 on an AVX512-BF16 CPU reports the hardware flag but runs AVX2 kernels
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
@@ -229,7 +241,8 @@ THESIS = [
     ("carl", "cifar10", "num_prototypes", 100, "5.8.4: 100 prototypes for CIFAR-10"),
     ("carl", "cifar100", "num_prototypes", 300, "5.8.4: 300 for CIFAR-100"),
     ("carl", "stl10", "num_prototypes", 300, "5.8.4: 300 for STL-10"),
-    ("carl", "imagefolder", "num_prototypes", 3000, "5.8.4: 3000 for (DS) ImageNet, following SwAV"),
+    ("carl", "imagefolder", "num_prototypes", 3000,
+     "5.8.4: 3000 for (DS) ImageNet, following SwAV"),
     ("carl", "cifar10", "lam_start", 4.0, "5.6.2: b = 4"),
     ("carl", "cifar10", "lam_end", 1.5, "5.6.2: a = 1.5"),
     ("carl", "cifar10", "lam_epochs", 100, "5.6.2: over the first E = 100 epochs"),
@@ -238,7 +251,8 @@ THESIS = [
     ("carl", "cifar10", "epochs", 200, "5.7.1 / 5.8: 200 epochs"),
     ("carl", "cifar10", "batch_size", 256, "5.8: batch size of 256"),
     ("carl", "cifar10", "views", "carl", "5.8.3: SimCLR's pipeline"),
-    ("carl", "cifar10", "proto_init_gain", 1.0, "5.5: the prototypes are a linear layer (PyTorch's init)"),
+    ("carl", "cifar10", "proto_init_gain", 1.0,
+     "5.5: the prototypes are a linear layer (PyTorch's init)"),
     ("carp", "imagefolder", "optimizer", "lars", "6.5.4: the LARS optimizer"),
     ("carp", "imagefolder", "lr", 5.4, "6.5.4: set to 5.4"),
     ("carp", "imagefolder", "final_lr_ratio", 1e-4, "6.5.4: decays to 0.00054"),
@@ -250,25 +264,35 @@ THESIS = [
     ("carp", "imagefolder", "lam_epochs", 30, "6.5.4: during the first 30 epochs"),
     ("carp", "imagefolder", "batch_size", 256, "6.5.4: a total batch size of 256"),
     ("carp", "imagefolder", "warmup_epochs", 0, "6.5.4: no warm-ups"),
-    ("carl", "cifar10", "warmup_epochs", 0, "5.8.4: a cosine decay starting at 0.6 (no warm-up named)"),
+    ("carl", "cifar10", "warmup_epochs", 0,
+     "5.8.4: a cosine decay starting at 0.6 (no warm-up named)"),
     ("carp", "imagefolder", "epochs", 200, "6.5.4 / 5.8: 200 epochs"),
     ("carp", "imagefolder", "views", "carp", "6.5.3, Listing 3: BYOL's asymmetric views"),
-    # the baselines of table 5.2 (5.8: 200 epochs, batch 256, the same cosine schedule for every method)
-    ("simclr", "cifar10", "optimizer", "sgd", "5.8.5: removing LARS from SimCLR and BYOL produced better results"),
+    # the baselines of table 5.2
+    # (5.8: 200 epochs, batch 256, the same cosine schedule for every method)
+    ("simclr", "cifar10", "optimizer", "sgd",
+     "5.8.5: removing LARS from SimCLR and BYOL produced better results"),
     ("simclr", "cifar10", "lr", 0.03, "5.8.5: a grid search found a learning rate of 0.03"),
-    ("simclr", "cifar10", "temperature", 0.2, "5.8.5: a temperature of 0.2 instead of the paper's 0.5"),
-    ("simclr", "cifar10", "weight_decay", 5e-4, "5.8.4's CIFAR weight decay (the paper's 1e-6 goes with LARS)"),
-    ("simclr", "cifar10", "final_lr_ratio", 1e-3, "5.8: the same cosine scheduler as CARL's (0.6 -> 0.0006)"),
+    ("simclr", "cifar10", "temperature", 0.2,
+     "5.8.5: a temperature of 0.2 instead of the paper's 0.5"),
+    ("simclr", "cifar10", "weight_decay", 5e-4,
+     "5.8.4's CIFAR weight decay (the paper's 1e-6 goes with LARS)"),
+    ("simclr", "cifar10", "final_lr_ratio", 1e-3,
+     "5.8: the same cosine scheduler as CARL's (0.6 -> 0.0006)"),
     ("simclr", "cifar10", "views", "carl", "SimCLR's pipeline, which 5.8.3 gives CARL"),
     ("simclr", "cifar10", "batch_size", 256, "5.8: the same batch size of 256"),
     ("simclr", "cifar10", "epochs", 200, "5.8: all methods trained for 200 epochs"),
     ("byol", "cifar10", "optimizer", "sgd", "5.8.5: removing LARS produced better results"),
     ("byol", "cifar10", "lr", 0.03, "5.8.5: a learning rate of 0.03"),
     ("byol", "cifar10", "teacher", "ema", "BYOL: the target network, an EMA of the online one"),
-    ("byol", "cifar10", "teacher_momentum", 0.99, "issue 19: 0.99 -> 1 on CIFAR (the paper's 0.996 is ImageNet's)"),
-    ("byol", "cifar10", "teacher_momentum_end", 1.0, "BYOL: increased to 1 with a cosine over the steps"),
-    ("byol", "cifar10", "views", "carp", "BYOL's asymmetric views (thesis Listing 3 is BYOL's pipeline)"),
-    ("swav", "cifar10", "num_prototypes", 100, "5.8.5: SwAV with CARL's prototypes, 100 for CIFAR-10"),
+    ("byol", "cifar10", "teacher_momentum", 0.99,
+     "issue 19: 0.99 -> 1 on CIFAR (the paper's 0.996 is ImageNet's)"),
+    ("byol", "cifar10", "teacher_momentum_end", 1.0,
+     "BYOL: increased to 1 with a cosine over the steps"),
+    ("byol", "cifar10", "views", "carp",
+     "BYOL's asymmetric views (thesis Listing 3 is BYOL's pipeline)"),
+    ("swav", "cifar10", "num_prototypes", 100,
+     "5.8.5: SwAV with CARL's prototypes, 100 for CIFAR-10"),
     ("swav", "cifar100", "num_prototypes", 300, "5.8.5: 300 for CIFAR-100"),
     ("swav", "stl10", "num_prototypes", 300, "5.8.5: 300 for STL-10"),
     ("swav", "cifar10", "optimizer", "larc", "SwAV's repository: LARC (trust 0.001) on SGD"),
@@ -276,33 +300,43 @@ THESIS = [
     ("swav", "cifar10", "final_lr_ratio", 1e-3, "SwAV's batch-256 recipe: final lr 0.0006"),
     ("swav", "cifar10", "weight_decay", 1e-6, "SwAV's main_swav.py: wd 1e-6"),
     ("swav", "cifar10", "temperature", 0.1, "SwAV: temperature 0.1"),
-    ("swav", "cifar10", "queue_size", 0, "SwAV's queue is optional (its batch-256 ImageNet recipe: 3840 from epoch 15)"),
-    ("swav", "cifar10", "views", "carl", "SimCLR-style colour and crops (SwAV's own adds multi-crop)"),
+    ("swav", "cifar10", "queue_size", 0,
+     "SwAV's queue is optional (its batch-256 ImageNet recipe: 3840 from epoch 15)"),
+    ("swav", "cifar10", "views", "carl",
+     "SimCLR-style colour and crops (SwAV's own adds multi-crop)"),
     ("mocov2", "cifar10", "optimizer", "sgd", "MoCo v2: SGD, momentum 0.9"),
     ("mocov2", "cifar10", "lr", 0.03, "MoCo v2: lr 0.03 for batch 256, cosine"),
-    ("mocov2", "cifar10", "weight_decay", 5e-4, "MoCo's CIFAR-10 demo: wd 5e-4 (the paper's 1e-4 is ImageNet's)"),
-    ("mocov2", "cifar10", "temperature", 0.2, "MoCo v2: temperature 0.2 (issue 19; the CIFAR demo uses 0.1)"),
+    ("mocov2", "cifar10", "weight_decay", 5e-4,
+     "MoCo's CIFAR-10 demo: wd 5e-4 (the paper's 1e-4 is ImageNet's)"),
+    ("mocov2", "cifar10", "temperature", 0.2,
+     "MoCo v2: temperature 0.2 (issue 19; the CIFAR demo uses 0.1)"),
     ("mocov2", "cifar10", "queue_size", 4096, "MoCo's CIFAR-10 demo: a queue of 4096 keys"),
-    ("mocov2", "cifar10", "teacher_momentum", 0.99, "MoCo's CIFAR-10 demo: key encoder momentum 0.99"),
+    ("mocov2", "cifar10", "teacher_momentum", 0.99,
+     "MoCo's CIFAR-10 demo: key encoder momentum 0.99"),
     ("mocov2", "cifar10", "teacher_momentum_end", 0.99, "MoCo: a constant momentum"),
     ("mocov2", "cifar10", "views", "carl", "MoCo v2: SimCLR's augmentations"),
 ]
 
 
-@pytest.mark.parametrize("method,dataset,key,value,section", THESIS, ids=[f"{m}-{d}-{k}" for m, d, k, *_ in THESIS])
+@pytest.mark.parametrize("method,dataset,key,value,section", THESIS,
+                         ids=[f"{m}-{d}-{k}" for m, d, k, *_ in THESIS])
 def test_thesis_defaults(method, dataset, key, value, section):
     args = train.parse_args(["--method", method, "--dataset", dataset])
     assert getattr(args, key) == pytest.approx(value), section
 
 
 def test_baseline_constants():
-    assert (train.losses.SINKHORN_EPS, train.losses.SINKHORN_ITERS) == (0.05, 3)  # SwAV: eps 0.05, 3 iterations
-    assert train.METHODS["mocov2"].teacher_bn_group == 32  # shuffled BN in groups of 32 (see model.EMATeacher)
-    for method in ("simclr", "byol", "mocov2", "swav", "carl", "carp"):  # 5.8.2: one head for every method
+    # SwAV: eps 0.05, 3 iterations
+    assert (train.losses.SINKHORN_EPS, train.losses.SINKHORN_ITERS) == (0.05, 3)
+    # shuffled BN in groups of 32 (see model.EMATeacher)
+    assert train.METHODS["mocov2"].teacher_bn_group == 32
+    # 5.8.2: one head for every method
+    for method in ("simclr", "byol", "mocov2", "swav", "carl", "carp"):
         assert train.parse_args(["--method", method, "--dataset", "cifar10"]).head == "thesis"
 
 
-# (flag, value, where the published CARP has it: the paper (NeurIPS 2023) or its code, github sthalles/carp)
+# (flag, value, where the published CARP has it: the paper (NeurIPS 2023) or its code,
+# github sthalles/carp)
 NEURIPS23 = [
     ("teacher", "ema", "main_carp.py: a teacher updated as an EMA of the student"),
     ("teacher_momentum", 0.99, "main_carp.py: --momentum_teacher 0.99"),
@@ -310,7 +344,9 @@ NEURIPS23 = [
     ("global_crops", 2, "main_carp.py: only the 2 global views pass through the teacher"),
     ("local_crops", 6, "main_carp.py: --local_crops_number 6"),
     ("local_scale", (0.05, 0.2), "main_carp.py: --local_crops_scale 0.05 0.2"),
-    ("views", "neurips23", "view_generator.py: global crops 0.2-1, jitter 0.4/0.4/0.2/0.1, blur 1.0/0.1, solarize 0/0.2"),
+    ("views", "neurips23",
+     "view_generator.py: global crops 0.2-1, jitter 0.4/0.4/0.2/0.1, blur 1.0/0.1, "
+     "solarize 0/0.2"),
     ("kl", "pooled", "carp_loss.py: one KL of the mean of every view's assignments, all-gathered"),
     ("lam_start", 1.0, "main_carp.py: loss = consistency + entropy term, weight 1"),
     ("lam_end", 1.0, "main_carp.py: no schedule on that weight"),
@@ -318,11 +354,14 @@ NEURIPS23 = [
     ("prototypes", "unit", "carp_head.py: weight-normalised last layer, its norm fixed at 1"),
     ("optimizer", "lars", "main_carp.py: LARS"),
     ("lr", 0.45, "main_carp.py: --lr 0.45, scaled by batch / 256"),
-    ("final_lr_ratio", 0.0048 / 0.45, "main_carp.py: --min_lr 0.0048 (an absolute lr: the ratio at batch 256)"),
+    ("final_lr_ratio", 0.0048 / 0.45,
+     "main_carp.py: --min_lr 0.0048 (an absolute lr: the ratio at batch 256)"),
     ("weight_decay", 1e-6, "main_carp.py: --weight_decay 1e-6"),
     ("warmup_epochs", 0, "main_carp.py: --warmup_epochs 0"),
-    ("bias_lr_scale", 1.0, "utils.py LARS: 1-d parameters skip decay and the trust ratio, at the full lr"),
-    ("zero_init_residual", True, "main_carp.py: torchvision_models.__dict__[arch](zero_init_residual=True)"),
+    ("bias_lr_scale", 1.0,
+     "utils.py LARS: 1-d parameters skip decay and the trust ratio, at the full lr"),
+    ("zero_init_residual", True,
+     "main_carp.py: torchvision_models.__dict__[arch](zero_init_residual=True)"),
 ]
 
 
@@ -334,28 +373,38 @@ def test_recipe_neurips23(method, key, value, source):
 
 
 def test_recipe_sizes_and_precedence():
-    """ImageNet: the paper's 224 / 96 px crops and 65,536 prototypes in blocks of 512; CIFAR: 32 / 16 px and the
-    method's K; a flag given on the command line wins over the recipe."""
-    big = train.parse_args(["--method", "carp", "--recipe", "neurips23", "--dataset", "imagefolder"])
-    assert (big.image_size, big.local_size, big.num_prototypes, big.block_size) == (224, 96, 65536, 512)
+    """ImageNet: the paper's 224 / 96 px crops and 65,536 prototypes in blocks of 512; CIFAR:
+    32 / 16 px and the method's K; a flag given on the command line wins over the recipe."""
+    big = train.parse_args(["--method", "carp", "--recipe", "neurips23",
+                            "--dataset", "imagefolder"])
+    assert ((big.image_size, big.local_size, big.num_prototypes, big.block_size)
+            == (224, 96, 65536, 512))
     cifar = train.parse_args(["--method", "carp", "--recipe", "neurips23", "--dataset", "cifar10"])
-    assert (cifar.image_size, cifar.local_size, cifar.num_prototypes, cifar.block_size) == (32, 16, 3000, 250)
-    own = train.parse_args(["--method", "carl", "--recipe", "neurips23", "--dataset", "cifar10", "--local-crops", "4",
-                            "--teacher", "none", "--lr", "0.3"])
-    assert (own.local_crops, own.teacher, own.lr, own.num_prototypes, own.block_size) == (4, "none", 0.3, 100, None)
-    assert train.parse_args(["--method", "carl", "--dataset", "cifar10"]).teacher == "none"  # the thesis: no teacher
-    # what the code does beyond flags: the teacher takes the student's weights before the optimizer step
-    # (main_carp.py updates it before backward), for CARL and CARP only (BYOL, MoCo: after, as their papers)
-    assert [train.METHODS[m].teacher_first for m in ("carl", "carp", "byol", "mocov2")] == [True, True, False, False]
+    assert ((cifar.image_size, cifar.local_size, cifar.num_prototypes, cifar.block_size)
+            == (32, 16, 3000, 250))
+    own = train.parse_args(["--method", "carl", "--recipe", "neurips23", "--dataset", "cifar10",
+                            "--local-crops", "4", "--teacher", "none", "--lr", "0.3"])
+    assert ((own.local_crops, own.teacher, own.lr, own.num_prototypes, own.block_size)
+            == (4, "none", 0.3, 100, None))
+    # the thesis: no teacher
+    assert train.parse_args(["--method", "carl", "--dataset", "cifar10"]).teacher == "none"
+    # what the code does beyond flags: the teacher takes the student's weights before the optimizer
+    # step (main_carp.py updates it before backward), for CARL and CARP only (BYOL, MoCo: after, as
+    # their papers)
+    assert ([train.METHODS[m].teacher_first for m in ("carl", "carp", "byol", "mocov2")]
+            == [True, True, False, False])
 
 
 def test_defaults_that_a_flag_makes_moot_give_way():
-    """synthetic's prototype gain means nothing to unit-norm prototypes, and the recipe's local crop shape
-    nothing without local crops: both step aside rather than refuse a flag the user never gave."""
+    """synthetic's prototype gain means nothing to unit-norm prototypes, and the recipe's local crop
+    shape nothing without local crops: both step aside rather than refuse a flag the user
+    never gave."""
     unit = train.parse_args(["--method", "carl", "--prototypes", "unit"])
     assert (unit.dataset, unit.proto_init_gain) == ("synthetic", 1.0)
-    no_local = train.parse_args(["--method", "carp", "--recipe", "neurips23", "--dataset", "cifar10", "--local-crops", "0"])
-    assert (no_local.local_crops, no_local.local_size, no_local.local_scale, no_local.teacher) == (0, None, None, "ema")
+    no_local = train.parse_args(["--method", "carp", "--recipe", "neurips23",
+                                 "--dataset", "cifar10", "--local-crops", "0"])
+    assert ((no_local.local_crops, no_local.local_size, no_local.local_scale, no_local.teacher)
+            == (0, None, None, "ema"))
 
 
 def test_momentum_schedule_ends():
@@ -388,16 +437,19 @@ def test_lam_schedule_ends():
     assert lams[0] == start
     assert lams[E * spe] == pytest.approx(end)  # reaches a at epoch E
     assert np.all(lams[E * spe:] == end)  # and stays there
-    assert lams[5] == pytest.approx(start - (start - end) * 0.5 / E)  # per step: half-way through epoch 0
+    # per step: half-way through epoch 0
+    assert lams[5] == pytest.approx(start - (start - end) * 0.5 / E)
     assert np.all(np.diff(lams[: E * spe + 1]) < 0)
 
 
 def test_startup_line_states_both_schedules(capsys):
-    for method, expected in (("carl", "lr 0.6 -> 0.0006 (cosine, no warm-up), lambda 4 -> 1.5 over 100 epochs"),
-                             ("carp", "lr 5.4 -> 0.00054 (cosine, no warm-up), lambda 2 -> 0.15 over 30 epochs")):
+    for method, expected in (
+            ("carl", "lr 0.6 -> 0.0006 (cosine, no warm-up), lambda 4 -> 1.5 over 100 epochs"),
+            ("carp", "lr 5.4 -> 0.00054 (cosine, no warm-up), lambda 2 -> 0.15 over 30 epochs")):
         args = train.parse_args(["--method", method, "--dataset", "cifar10"])
         assert train.describe_schedules(args) == expected
-    args = train.parse_args(["--dataset", "cifar10", "--warmup-epochs", "10", "--batch-size", "512"])
+    args = train.parse_args(["--dataset", "cifar10", "--warmup-epochs", "10",
+                             "--batch-size", "512"])
     assert train.describe_schedules(args).startswith("lr 1.2 -> 0.0012 (cosine, 10-epoch warm-up)")
 
 
@@ -421,8 +473,8 @@ def test_a_warm_up_run_states_its_peak_lr(tmp_path, capsys):
 
 def test_knn_monitor_logs_every_epoch_and_the_gain(tmp_path, capsys):
     out = str(tmp_path / "knn")
-    argv = [*CARL, "--epochs", "3", "--knn-every", "1", "--knn-train-subset", "200", "--knn-test-subset", "100",
-            "--out-dir", out]
+    argv = [*CARL, "--epochs", "3", "--knn-every", "1", "--knn-train-subset", "200",
+            "--knn-test-subset", "100", "--out-dir", out]
     run_main([*argv, "--until-epoch", "2"])
     run_main(argv)  # continued: the random-init value of the first part stays the reference
     text = capsys.readouterr().out
@@ -431,8 +483,8 @@ def test_knn_monitor_logs_every_epoch_and_the_gain(tmp_path, capsys):
     assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
     assert "knn ep 0: top-1" in text and "(random init)" in text
     gain = knn[-1]["knn_top1"] - knn[0]["knn_top1"]
-    assert f"kNN top-1 (k=200): {knn[0]['knn_top1']:.2f} at epoch 0 (random init) -> {knn[-1]['knn_top1']:.2f} " \
-           f"at epoch 3: {gain:+.2f} points" in text
+    assert f"kNN top-1 (k=200): {knn[0]['knn_top1']:.2f} at epoch 0 (random init) -> " \
+           f"{knn[-1]['knn_top1']:.2f} at epoch 3: {gain:+.2f} points" in text
     # the monitor scores what evaluate.py would: its kNN on the same subsets of the final backbone
     monitor = train.KnnMonitor(train.parse_args(argv), torch.device("cpu"))
     net, _ = models.build_backbone("resnet18", True)
@@ -441,8 +493,10 @@ def test_knn_monitor_logs_every_epoch_and_the_gain(tmp_path, capsys):
 
 
 def test_knn_monitor_subset_must_split_into_classes():
-    with pytest.raises(SystemExit, match=r"--knn-test-subset 55 is not a multiple of the 10 classes"):
-        train.KnnMonitor(train.parse_args([*CARL, "--knn-every", "1", "--knn-test-subset", "55"]), torch.device("cpu"))
+    with pytest.raises(SystemExit,
+                       match=r"--knn-test-subset 55 is not a multiple of the 10 classes"):
+        train.KnnMonitor(train.parse_args([*CARL, "--knn-every", "1", "--knn-test-subset", "55"]),
+                         torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- the same command continues
@@ -455,14 +509,16 @@ def test_same_command_continues_and_matches_uninterrupted_run(tmp_path, request,
     run_main([*argv, "--until-epoch", "1", "--out-dir", split])
     half = load(os.path.join(split, "run.pt"))
     assert half["epoch"] == 1 and half["step"] == 3
-    run_main([*argv, "--until-epoch", "1", "--out-dir", split])  # that piece is done: nothing happens
-    assert "is finished: 1 of 2 epochs done (--until-epoch 1); nothing to do" in capsys.readouterr().out
+    run_main([*argv, "--until-epoch", "1", "--out-dir", split])  # that piece is done: nothing runs
+    assert ("is finished: 1 of 2 epochs done (--until-epoch 1); nothing to do"
+            in capsys.readouterr().out)
     assert load(os.path.join(split, "run.pt"))["step"] == 3
     run_main([*argv, "--out-dir", split])  # no --resume: the out-dir's run.pt is continued
     assert "continuing" in capsys.readouterr().out
     assert_same_weights(os.path.join(full, "run.pt"), os.path.join(split, "run.pt"))
     final = load(os.path.join(split, "run.pt"))
-    assert any(not torch.equal(half["model"][k], final["model"][k]) for k in final["model"] if k.endswith("weight"))
+    assert any(not torch.equal(half["model"][k], final["model"][k])
+               for k in final["model"] if k.endswith("weight"))
     la, lb = ([r for r in read_log(d) if "loss" in r] for d in (full, split))
     assert [r["step"] for r in lb] == [r["step"] for r in la] == list(range(6))
     for ra, rb in zip(la, lb):
@@ -472,12 +528,13 @@ def test_same_command_continues_and_matches_uninterrupted_run(tmp_path, request,
 
 
 def test_resume_from_elsewhere_then_out_dir_wins(tmp_path, carl_run, capsys):
-    """--resume starts a new out-dir from another run.pt; once the out-dir has its own, that one wins,
-    so the same command (with --resume still in it) keeps working after a requeue."""
+    """--resume starts a new out-dir from another run.pt; once the out-dir has its own, that one
+    wins, so the same command (with --resume still in it) keeps working after a requeue."""
     src = str(tmp_path / "src")
     run_main([*CARL, "--until-epoch", "1", "--out-dir", src])
     dst = str(tmp_path / "dst")
-    run_main([*CARL, "--until-epoch", "1", "--resume", os.path.join(src, "run.pt"), "--out-dir", dst])
+    run_main([*CARL, "--until-epoch", "1", "--resume", os.path.join(src, "run.pt"),
+              "--out-dir", dst])
     assert "is finished: 1 of 2 epochs done" in capsys.readouterr().out and not os.path.exists(dst)
     run_main([*CARL, "--resume", os.path.join(src, "run.pt"), "--out-dir", dst])
     assert f"continuing {os.path.join(src, 'run.pt')} at step 3" in capsys.readouterr().out
@@ -489,7 +546,8 @@ def test_resume_from_elsewhere_then_out_dir_wins(tmp_path, carl_run, capsys):
 # ---------------------------------------------------------------- bad inputs
 
 def existing_run(tmp_path, src=None):
-    """An out-dir that already holds a run.pt (a real one when src is given); returns (dir, fingerprint)."""
+    """An out-dir that already holds a run.pt (a real one when src is given); returns
+    (dir, fingerprint)."""
     d = tmp_path / "existing"
     d.mkdir()
     path = d / "run.pt"
@@ -512,24 +570,34 @@ def assert_untouched(d, fp):
     (["--method", "carp", "--num-prototypes", "100", "--block-size", "30"],
      r"--num-prototypes 100 is not divisible by --block-size 30"),
     (["--method", "carl", "--block-size", "25"], r"--block-size is not used by --method carl"),
-    (["--method", "simclr", "--num-prototypes", "10"], r"--num-prototypes is not used by --method simclr"),
+    (["--method", "simclr", "--num-prototypes", "10"],
+     r"--num-prototypes is not used by --method simclr"),
     (["--method", "byol", "--temperature", "0.1"], r"--temperature is not used by --method byol"),
     (["--method", "simclr", "--local-crops", "2"], r"--method simclr's loss takes two views"),
     (["--method", "carl", "--global-crops", "1"], r"--global-crops must be 2 or more"),
-    (["--method", "carl", "--local-size", "8"], r"--local-size and --local-scale shape local crops: give --local-crops"),
-    (["--method", "carl", "--local-crops", "2", "--local-scale", "0.5", "0.2"], r"--local-scale 0.5 0.2 must satisfy"),
+    (["--method", "carl", "--local-size", "8"],
+     r"--local-size and --local-scale shape local crops: give --local-crops"),
+    (["--method", "carl", "--local-crops", "2", "--local-scale", "0.5", "0.2"],
+     r"--local-scale 0.5 0.2 must satisfy"),
     (["--method", "carl", "--local-crops", "2", "--local-size", "4", "--image-size", "20"],
      r"--local-size 4 is below the network's stride \(8 px with the cifar stem\)"),
-    (["--method", "byol", "--teacher", "none"], r"--method byol needs its EMA teacher \(--teacher ema\)"),
-    (["--method", "carl", "--teacher-momentum", "0.9"], r"--teacher-momentum-end are for the EMA teacher"),
-    (["--method", "carl", "--teacher", "ema", "--teacher-momentum", "1.5"], r"--teacher-momentum must be a number in \[0, 1\]"),
+    (["--method", "byol", "--teacher", "none"],
+     r"--method byol needs its EMA teacher \(--teacher ema\)"),
+    (["--method", "carl", "--teacher-momentum", "0.9"],
+     r"--teacher-momentum-end are for the EMA teacher"),
+    (["--method", "carl", "--teacher", "ema", "--teacher-momentum", "1.5"],
+     r"--teacher-momentum must be a number in \[0, 1\]"),
     (["--method", "mocov2", "--batch-size", "64", "--queue-size", "1000"],
-     r"--queue-size 1000 is not a multiple of the 128 rows each step adds \(2 views x --batch-size 64\)"),
-    (["--method", "mocov2", "--queue-size", "0"], r"--method mocov2 takes its negatives from a queue"),
-    (["--method", "swav", "--recipe", "neurips23"], r"--recipe neurips23 is not one of --method swav's"),
+     r"--queue-size 1000 is not a multiple of the 128 rows each step adds "
+     r"\(2 views x --batch-size 64\)"),
+    (["--method", "mocov2", "--queue-size", "0"],
+     r"--method mocov2 takes its negatives from a queue"),
+    (["--method", "swav", "--recipe", "neurips23"],
+     r"--recipe neurips23 is not one of --method swav's"),
     (["--optimizer", "larc", "--bias-lr-scale", "1"], r"--bias-lr-scale is for --optimizer lars"),
     (["--recipe", "dino"], r"unknown --recipe 'dino'"),
-    (["--method", "carl", "--prototypes", "unit", "--proto-init-gain", "2"], r"--proto-init-gain does not change"),
+    (["--method", "carl", "--prototypes", "unit", "--proto-init-gain", "2"],
+     r"--proto-init-gain does not change"),
     (["--online-probe", "--knn-every", "0"], r"--online-probe is scored at the kNN monitor"),
     (["--keep-every", "-1"], r"--keep-every must be an integer >= 0, not -1$"),
     (["--method", "carp", "--block-size", "0"], r"--block-size must be an integer > 0, not 0$"),
@@ -544,7 +612,8 @@ def assert_untouched(d, fp):
     (["--knn-test-subset", "0"], r"--knn-test-subset must be an integer > 0"),
     # each flag's range at parse time
     (["--image-size", "0"], r"--image-size must be an integer > 0, not 0$"),
-    (["--image-size", "4"], r"--image-size 4 is below the network's stride \(8 px with the cifar stem\)"),
+    (["--image-size", "4"],
+     r"--image-size 4 is below the network's stride \(8 px with the cifar stem\)"),
     (["--lr", "-0.1"], r"--lr must be a number > 0, not -0\.1$"),
     (["--lr", "nan"], r"--lr must be a number > 0, not nan$"),
     (["--weight-decay", "-0.0001"], r"--weight-decay must be a number >= 0, not -0\.0001$"),
@@ -552,10 +621,13 @@ def assert_untouched(d, fp):
     (["--workers", "-1"], r"--workers must be an integer >= 0, not -1$"),
     (["--epochs", "two"], r"--epochs must be an integer > 0, not 'two'$"),
     (["--seed", "-1"], r"--seed must be an integer from 0 to 2\*\*63 - 1"),
-    (["--method", "carl", "--teacher", "ema", "--teacher-momentum", "-0.5"], r"--teacher-momentum must be a number in \[0, 1\]"),
-    (["--epochs", "2", "--warmup-epochs", "3"], r"--warmup-epochs 3 must be shorter than the run's --epochs 2"),
+    (["--method", "carl", "--teacher", "ema", "--teacher-momentum", "-0.5"],
+     r"--teacher-momentum must be a number in \[0, 1\]"),
+    (["--epochs", "2", "--warmup-epochs", "3"],
+     r"--warmup-epochs 3 must be shorter than the run's --epochs 2"),
     (["--views", "dino"], r"--views invalid choice: 'dino'"),
-    (["--optimizer", "adam"], r"--optimizer invalid choice: 'adam' \(choose from 'larc', 'lars', 'sgd'\)"),
+    (["--optimizer", "adam"],
+     r"--optimizer invalid choice: 'adam' \(choose from 'larc', 'lars', 'sgd'\)"),
 ])
 def test_bad_flags_exit_before_any_work(tmp_path, argv, match):
     d, fp = existing_run(tmp_path)
@@ -575,15 +647,19 @@ def test_imagefolder_missing_data_dir(tmp_path, layout):
     if layout == "empty":
         (data_dir / "train").mkdir(parents=True)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"(no folder .*imagenet.*--data-dir)|(no images under .*imagenet)"):
-        run_main(["--dataset", "imagefolder", "--data-dir", str(data_dir), "--workers", "0", "--out-dir", str(out)])
+    with pytest.raises(SystemExit,
+                       match=r"(no folder .*imagenet.*--data-dir)|(no images under .*imagenet)"):
+        run_main(["--dataset", "imagefolder", "--data-dir", str(data_dir), "--workers", "0",
+                  "--out-dir", str(out)])
     assert not out.exists()
 
 
 @pytest.mark.parametrize("argv,match", [
     (CARP, r"run with --method carl, but this command has --method carp"),
-    ([*CARL, "--arch", "resnet50"], r"run with --arch resnet18, but this command has --arch resnet50"),
-    ([*CARL, "--num-prototypes", "200"], r"--num-prototypes 100, but this command has --num-prototypes 200"),
+    ([*CARL, "--arch", "resnet50"],
+     r"run with --arch resnet18, but this command has --arch resnet50"),
+    ([*CARL, "--num-prototypes", "200"],
+     r"--num-prototypes 100, but this command has --num-prototypes 200"),
     ([*CARL, "--no-cifar-stem", "--image-size", "32"],
      r"--cifar-stem True, but this command has --cifar-stem False"),
     ([*CARL, "--views", "carp"], r"--views carl, but this command has --views carp"),
@@ -623,15 +699,16 @@ def test_corrupt_checkpoint_in_out_dir(tmp_path, content, match):
 
 
 def test_checkpoint_of_an_older_train_py_is_one_line(tmp_path, carl_run):
-    """run.pt files from before the baselines (CARL's prototypes under 'assigner.', no teacher or queue)."""
+    """run.pt files from before the baselines (CARL's prototypes under 'assigner.', no teacher or
+    queue)."""
     d, _ = existing_run(tmp_path, src=os.path.join(carl_run, "run.pt"))
     old = load(os.path.join(d, "run.pt"))
     old["model"] = {k.replace("out.", "assigner.", 1): v for k, v in old["model"].items()}
     del old["teacher"], old["queue"]
     torch.save(old, os.path.join(d, "run.pt"))
     fp = fingerprint(os.path.join(d, "run.pt"))
-    with pytest.raises(SystemExit, match=r"was written by an older train.py .*; continue it with that version, or start "
-                                         r"a new --out-dir$"):
+    with pytest.raises(SystemExit, match=r"was written by an older train.py .*; continue it with "
+                                         r"that version, or start a new --out-dir$"):
         run_main([*CARL, "--out-dir", d])
     assert_untouched(d, fp)
 
@@ -644,16 +721,18 @@ def test_continuing_in_another_number_of_processes_warns(tmp_path, capsys):
     ckpt["world"] = 2  # as if it had started under torchrun with 2 workers
     torch.save(ckpt, os.path.join(out, "run.pt"))
     run_main([*CARL, "--out-dir", out])
-    assert "warning: " in capsys.readouterr().out and load(os.path.join(out, "run.pt"))["step"] == 6
+    assert ("warning: " in capsys.readouterr().out
+            and load(os.path.join(out, "run.pt"))["step"] == 6)
 
 
 def test_batch_not_divisible_by_world(tmp_path, monkeypatch):
-    """torchrun's WORLD_SIZE is read before any process group is built, so the error comes at once, not after
-    a rendezvous with peers."""
+    """torchrun's WORLD_SIZE is read before any process group is built, so the error comes at once,
+    not after a rendezvous with peers."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit, match="--batch-size 33 is not divisible by the 2 processes"):
-        train.main(["--method", "carl", "--batch-size", "33", "--workers", "0", "--out-dir", str(tmp_path / "r")])
+        train.main(["--method", "carl", "--batch-size", "33", "--workers", "0",
+                    "--out-dir", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
 
 
@@ -666,7 +745,8 @@ def test_resume_from_missing_checkpoint(tmp_path):
 
 def test_device_loader_refuses_a_split_that_does_not_fit(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sysconf", lambda name: 1000)  # ~0.5 MB of "free memory"
-    with pytest.raises(SystemExit, match=r"synthetic pretrain needs .* GiB held whole; use --loader workers"):
+    with pytest.raises(SystemExit,
+                       match=r"synthetic pretrain needs .* GiB held whole; use --loader workers"):
         run_main(["--method", "carl", "--workers", "0", "--out-dir", str(tmp_path / "r")])
 
 
@@ -687,35 +767,43 @@ def test_compile_flag_compiles_the_step_and_the_device_views(monkeypatch, tmp_pa
         return run
     calls = {}
     monkeypatch.setattr(torch, "compile", fake_compile)
-    run_main([*CARL, "--epochs", "1", "--loader", "device", "--compile", "--out-dir", str(tmp_path / "r")])
+    run_main([*CARL, "--epochs", "1", "--loader", "device", "--compile",
+              "--out-dir", str(tmp_path / "r")])
     assert sorted(compiled) == ["make", "student_step"]
     assert calls == {"student_step": 3, "make": 3}  # every one of the 3 steps
     compiled.clear()  # with an EMA teacher its network is compiled too: it runs every step
-    run_main([*CARL, "--epochs", "1", "--teacher", "ema", "--compile", "--out-dir", str(tmp_path / "t")])
+    run_main([*CARL, "--epochs", "1", "--teacher", "ema", "--compile",
+              "--out-dir", str(tmp_path / "t")])
     assert sorted(compiled) == ["Model", "make", "student_step"]
     assert calls == {"Model": 3, "student_step": 3, "make": 3}
     compiled.clear()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU run, also on a machine with a GPU
-    for flags in ([], ["--no-compile"]):  # the default is on for a GPU only: nothing compiled on a CPU
-        run_main([*CARL, "--epochs", "1", "--loader", "device", *flags, "--out-dir", str(tmp_path / f"r{len(flags)}")])
+    # a CPU run, also on a machine with a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # the default is on for a GPU only: nothing compiled on a CPU
+    for flags in ([], ["--no-compile"]):
+        run_main([*CARL, "--epochs", "1", "--loader", "device", *flags,
+                  "--out-dir", str(tmp_path / f"r{len(flags)}")])
     assert compiled == []
 
 
 def test_a_failed_compile_is_one_line(monkeypatch, tmp_path):
-    """A compiler that cannot run (here faked; a real one: CXX=/nonexistent/g++) ends the run with one
-    line that names the cause and the way round it, not a traceback (which TORCHDYNAMO_VERBOSE=1 keeps)."""
+    """A compiler that cannot run (here faked; a real one: CXX=/nonexistent/g++) ends the run with
+    one line that names the cause and the way round it, not a traceback (which
+    TORCHDYNAMO_VERBOSE=1 keeps)."""
     class Failed(torch._dynamo.exc.BackendCompilerFailed):
         def __init__(self, msg):  # the parent's signature differs between torch versions
             RuntimeError.__init__(self, msg)
 
     def fake_compile(fn, **kwargs):
         def run(*args, **kw):
-            raise Failed("InvalidCxxCompiler: No working C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1 ...")
+            raise Failed("InvalidCxxCompiler: No working C++ compiler found\n\n"
+                         "Set TORCHDYNAMO_VERBOSE=1 ...")
         return run
     monkeypatch.setattr(torch, "compile", fake_compile)
-    with pytest.raises(SystemExit, match=r"^error: torch.compile failed \(Failed: InvalidCxxCompiler: No working "
-                                         r"C\+\+ compiler found\); run with --no-compile, or with "
-                                         r"TORCHDYNAMO_VERBOSE=1 for the traceback$"):
+    with pytest.raises(SystemExit, match=r"^error: torch.compile failed \(Failed: "
+                                         r"InvalidCxxCompiler: No working C\+\+ compiler found\); "
+                                         r"run with --no-compile, or with TORCHDYNAMO_VERBOSE=1 "
+                                         r"for the traceback$"):
         run_main([*CARL, "--epochs", "1", "--compile", "--out-dir", str(tmp_path / "r")])
     monkeypatch.setenv("TORCHDYNAMO_VERBOSE", "1")
     with pytest.raises(Failed):
@@ -744,9 +832,10 @@ def test_ckpt_every_epochs(monkeypatch, tmp_path):
 
 
 def test_images_per_s_is_timed_after_the_first_step(monkeypatch, tmp_path):
-    """A slow first step (as --compile's) shows in the first log line only: later rates leave it out. On a
-    fake clock that moves 100 s during the first step and 1 s during each later one, so no machine's speed
-    enters the test: the first line shows 32 images in 100 s, the others 32 per second."""
+    """A slow first step (as --compile's) shows in the first log line only: later rates leave it
+    out. On a fake clock that moves 100 s during the first step and 1 s during each later one, so no
+    machine's speed enters the test: the first line shows 32 images in 100 s, the others
+    32 per second."""
     real, clock = train.train_step, [0.0]
 
     def timed_step(*args):
@@ -755,8 +844,9 @@ def test_images_per_s_is_timed_after_the_first_step(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "train_step", timed_step)
     monkeypatch.setattr(train.time, "time", lambda: clock[0])
     run_main([*CARL, "--epochs", "1", "--out-dir", str(tmp_path / "r")])
-    rates = [r["img_per_s"] for r in read_log(tmp_path / "r") if "loss" in r]  # steps 0, 1, 2 of 32 images
-    assert rates == [0.3, 32.0, 32.0]  # timed from the start: 32 / 100 s; then from the first step's end
+    # steps 0, 1, 2 of 32 images
+    rates = [r["img_per_s"] for r in read_log(tmp_path / "r") if "loss" in r]
+    assert rates == [0.3, 32.0, 32.0]  # timed from the start: 32 / 100 s; then from step 0's end
 
 
 # ---------------------------------------------------------------- teacher, snapshots, provenance
