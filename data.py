@@ -36,9 +36,8 @@ class Synthetic(torch.utils.data.Dataset):
     32 px drawings gave a random network a 47% kNN head start at 16 px; RESULTS.md). Within a class
     only what the views vary (position, scale, a little colour) varies, so features that learned
     the views' invariances separate the classes, while a random network's features also encode
-    position and scale. Random per-image colours, an earlier design, gave the views a shortcut:
-    colour survives both views, so training matched images by colour and kNN on shape stayed
-    near chance (RESULTS.md)."""
+    position and scale. No random per-image colours: colour survives both views, a shortcut by
+    which training matched images while kNN on shape stayed near chance (RESULTS.md)."""
 
     classes = ["disk", "square", "triangle", "plus", "ring", "diamond", "x", "bar", "stripes",
                "checker"]
