@@ -924,7 +924,11 @@ def find_checkpoint(args, rank, world, control):
     run_path = os.path.join(args.out_dir, "run.pt")
     # The same command continues its own run; --resume only points elsewhere for a first start.
     resume_from = run_path if os.path.exists(run_path) else args.resume
-    ckpt = checkpoints.load_checkpoint(resume_from) if resume_from else None
+    try:
+        ckpt = checkpoints.load_checkpoint(resume_from) if resume_from else None
+    except SystemExit as e:  # one line, and what to do about it
+        fail(f"{str(e.code).removeprefix('error: ')}; move it away to start over, or give another "
+             f"--out-dir")
     older = ckpt is not None and ("teacher" not in ckpt
                                   or any(k.startswith("assigner.") for k in ckpt["model"]))
     if older:

@@ -677,8 +677,10 @@ def test_continuing_with_other_flags_is_refused(tmp_path, carl_run, argv, match)
 
 
 @pytest.mark.parametrize("content,match", [
-    (b"this is not a checkpoint", r"cannot read checkpoint"),
-    (None, r"cannot read checkpoint"),  # a truncated real torch file
+    (b"this is not a checkpoint", r"cannot read checkpoint .*: it is not a PyTorch checkpoint"),
+    (b"", r"cannot read checkpoint .*run\.pt: it is empty \(0 bytes\); move it away to start "
+          r"over, or give another --out-dir$"),
+    (None, r"cannot read checkpoint .*: it is truncated or corrupted"),  # a truncated torch file
     ("not-run-pt", r"not a run\.pt written by train\.py"),
 ])
 def test_corrupt_checkpoint_in_out_dir(tmp_path, content, match):
