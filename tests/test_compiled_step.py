@@ -1,5 +1,5 @@
-"""The compiled step (train.py --compile) against the eager one, on the CPU: for one method of each
-path through the step (CONFIGS), 3 steps give the same losses, weights, BatchNorm buffers, momentum
+"""The compiled step (train.py --compile) against the eager one, on the CPU: for every method and
+the published CARP recipe, 3 steps give the same losses, weights, BatchNorm buffers, momentum
 buffers, EMA teacher and queue. The per-step values (lr, lambda, momentum, the step and so CARP's
 partition) are inputs of the graphs, not constants: no graph is made after the first step but
 SwAV's at its two known changes. The only graph breaks are at backward and inside torch's own
@@ -24,11 +24,9 @@ from test_methods import BASE, RUNS
 from test_train import CARL, load, read_log, run_main
 
 STEPS, STEPS_PER_EPOCH, BATCH = 3, 2, 8
-# one of each path the step can take: CARP (the device partition; CARL is its one-block case),
-# SimCLR, SwAV (its queue and hook), MoCo v2 (its queue; the teacher after the step, as BYOL's),
-# the recipe (the teacher before the step, local crops)
-CONFIGS = {"carp": ["--method", "carp", "--num-prototypes", "100", "--block-size", "25"],
-           **{k: RUNS[k] for k in ("simclr", "swav", "mocov2", "carp-neurips23")}}
+CONFIGS = {"carl": ["--method", "carl"],
+           "carp": ["--method", "carp", "--num-prototypes", "100", "--block-size", "25"],
+           **{k: v for k, v in RUNS.items() if k != "carl-teacher"}}  # carp-neurips23 has a teacher
 QUEUE = ["--queue-size", "32"]  # 2 x 8 rows a step: full (SwAV) and wrapped round (MoCo) at step 2
 TOL = dict(rtol=1e-4, atol=1e-5)  # losses and stats; measured: <= 1e-6 apart
 MOVED = 0.1  # state: apart by this much of how far the eager steps moved it; measured: <= 3e-2
