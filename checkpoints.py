@@ -37,6 +37,8 @@ import sys
 
 import torch
 
+import methods
+
 BACKBONE_MODULES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")  # a ResNet but its fc
 # name; the top-level entries that may hold the weights, preferred first (None: the file itself);
 # the prefixes of the backbone's keys there; networks: --weights -> entry, where there are two.
@@ -161,8 +163,9 @@ def read_backbone(path, weights=None, key=None):
     LAYOUTS.
 
     weights: "student" or "teacher" out of a run.pt or a CARP / DINO file (default: the teacher
-    where there is one, as the published CARP evaluates). key: the weights under this top-level
-    entry instead. Anything else is one error line."""
+    where there is one, as the published CARP evaluates; of a run.pt, the one its method's paper
+    evaluates: the online network of BYOL and MoCo). key: the weights under this top-level entry
+    instead. Anything else is one error line."""
     ckpt = load_checkpoint(path, keys=())
     if not isinstance(ckpt, dict):
         fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
@@ -184,7 +187,11 @@ def read_backbone(path, weights=None, key=None):
         what = layout.name
         if layout.networks:
             has_teacher = backbone_prefix(ckpt.get(layout.networks["teacher"])) is not None
-            want = weights or ("teacher" if has_teacher else "student")
+            default = "teacher" if has_teacher else "student"
+            if layout is RUN_PT and has_teacher:  # the network the method's paper evaluates
+                method = methods.METHODS.get(dict(ckpt.get("args") or {}).get("method"))
+                default = method.evaluated if method else default
+            want = weights or default
             entry = layout.networks[want]
             prefix = backbone_prefix(ckpt.get(entry))
             if prefix is None and layout is RUN_PT:  # "teacher": None, a run without an EMA teacher

@@ -121,6 +121,15 @@ def random_partition(num_prototypes, block_size, seed, step, device=None):
     return keys.argsort().view(-1, block_size)  # (N_P, N_B)
 
 
+@torch.no_grad()
+def prototypes_in_use(scores):
+    """How many prototypes are some view's argmax (scores: one (B, K) per view), as a tensor: no
+    host-device sync, unlike .unique().numel()."""
+    top = torch.cat(scores).argmax(1)  # (V B,)
+    used = torch.zeros(scores[0].shape[1], dtype=torch.bool, device=top.device)  # (K,)
+    return used.index_fill_(0, top, True).sum()
+
+
 def consistency(logp_a, logp_b):
     """-mean log <p_a, stopgrad(p_b)> over every leading dim; log-probs (..., C) in.
 
@@ -154,10 +163,7 @@ def assignment_loss(student, teacher, lam, partition, num_global=2, pooled=False
         kl = sum(kl_to_uniform(x.exp()) for x in logp)
     loss = cons + lam * kl
     with torch.no_grad():
-        top = torch.cat(student).argmax(1)  # (V B,) each view's prototype over the full K
-        # distinct prototypes in use, as a tensor: no host-device sync (unlike .unique().numel())
-        in_use = (torch.zeros(student[0].shape[1], dtype=torch.bool, device=top.device)
-                  .index_fill_(0, top, True).sum())
+        in_use = prototypes_in_use(student)  # over the full K
         # the entropy of a batch-mean assignment
         entropy = math.log(partition.shape[1]) - kl / (1 if pooled else len(logp))
     stats = {"consistency": cons.detach(), "kl": kl.detach(), "entropy": entropy, "in_use": in_use}
@@ -225,11 +231,7 @@ def swav_loss(scores, temperature, num_global=2, bank=None):
             if v != i:
                 loss = loss - (q * (scores[v].float() / temperature).log_softmax(1)).sum(1).mean()
                 pairs += 1
-    with torch.no_grad():
-        top = torch.cat(scores).argmax(1)  # (V B,)
-        in_use = (torch.zeros(scores[0].shape[1], dtype=torch.bool, device=top.device)
-                  .index_fill_(0, top, True).sum())
-    return loss / pairs, {"in_use": in_use}
+    return loss / pairs, {"in_use": prototypes_in_use(scores)}
 
 
 # ---------------------------------------------------------------- MoCo v2

@@ -14,7 +14,8 @@ A method is a loss (losses.py) and one entry here:
                  needs_teacher, multiview (more than two crops), queue (None, "empty": filled as it
                  goes and used once full; "random": starts full of random keys), teacher_bn_group
                  (MoCo's shuffled BN), teacher_first (the EMA teacher takes the student's weights
-                 before the optimizer step, not after), after_backward(model, first_epoch) and
+                 before the optimizer step, not after), evaluated (the network evaluate.py takes
+                 by default: "teacher" or "student"), after_backward(model, first_epoch) and
                  after_step(model) hooks
 
 train.py and model.py hold no method names: they run what the entry says. A flag only some
@@ -44,6 +45,7 @@ class Method:
     queue: Optional[str] = None
     teacher_bn_group: Optional[int] = None
     teacher_first: bool = False
+    evaluated: str = "teacher"  # of a run with an EMA teacher, the network its paper evaluates
     after_backward: Optional[Callable] = None
     after_step: Optional[Callable] = None
 
@@ -168,8 +170,9 @@ def neurips23(args):
     (lambda 1, no decay), a 3-layer GELU head to 256-d (trunc-normal 0.02 init) and unit-norm
     prototypes, ResNets with zero-init residual branches, LARS 0.45 x batch / 256 cosine to 0.0048
     (the ratio at batch 256) with biases and BatchNorm at the full lr, wd 1e-6, no warm-up. Local
-    crops: 96 px at 224 (the paper's); on small images half the global crop (16 px at 32: the
-    ImageNet ratio 0.43 would give 14; 16 keeps layer4's map at 2x2 with the CIFAR stem).
+    crops: --local-size's default, 96 px at 224 (the paper's) and on small images half the global
+    crop (16 px at 32: the ImageNet ratio 0.43 would give 14; 16 keeps layer4's map at 2x2 with
+    the CIFAR stem).
     ImageNet-sized trees take its 65,536 prototypes in blocks of 512; other data keep the
     method's K. Left as this project has it: the head's hidden layers carry no bias (BatchNorm
     follows each), the weight decay is constant (the code schedules it, from 1e-6 to 1e-6)."""
@@ -177,8 +180,7 @@ def neurips23(args):
                   local_scale=(0.05, 0.2), kl="pooled", lam_start=1.0, lam_end=1.0, lam_epochs=0,
                   head="neurips23", prototypes="unit", views="neurips23", optimizer="lars",
                   lr=0.45, final_lr_ratio=0.0048 / 0.45, weight_decay=1e-6, proto_init_gain=1.0,
-                  bias_lr_scale=1.0, zero_init_residual=True,
-                  local_size=96 if args.image_size >= 224 else args.image_size // 2)
+                  bias_lr_scale=1.0, zero_init_residual=True)
     if args.dataset == "imagefolder" and args.image_size >= 224:
         values["num_prototypes"] = 65536
         if args.method == "carp":
@@ -188,7 +190,8 @@ def neurips23(args):
 
 # What the start-up line says of each recipe's fidelity to its source
 RECIPE_NOTES = {"neurips23": "the official main_carp.py's settings, except its fp16 autocast (here "
-                             "--amp) and SyncBatchNorm (here --sync-bn)"}
+                             "--amp), SyncBatchNorm (here --sync-bn) and biases before BatchNorm "
+                             "in the head (none here: the same function)"}
 
 METHODS = {
     # Thesis 5.6-5.8: SGD + LARS (SwAV's LARC: plain SGD collapsed, RESULTS.md) 0.6 -> 0.0006,
@@ -216,7 +219,7 @@ METHODS = {
     "byol": Method(
         dict(BASELINE, optimizer="sgd", lr=0.03, weight_decay=5e-4, teacher="ema",
              teacher_momentum=0.99, teacher_momentum_end=1.0, views="carp"),
-        byol_loss, byol_last, needs_teacher=True),
+        byol_loss, byol_last, needs_teacher=True, evaluated="student"),
     # Thesis 5.8.5 (K as CARL's), else its repository's batch-256 recipe: LARC 0.6 -> 0.0006, wd
     # 1e-6, T 0.1, prototypes frozen for the first epoch, no queue.
     "swav": Method(
@@ -232,7 +235,8 @@ METHODS = {
         dict(BASELINE, optimizer="sgd", lr=0.03, weight_decay=5e-4, temperature=0.2,
              queue_size=4096, teacher="ema", teacher_momentum=0.99, teacher_momentum_end=0.99,
              views="carl"),
-        mocov2_loss, no_last, needs_teacher=True, queue="random", teacher_bn_group=32),
+        mocov2_loss, no_last, needs_teacher=True, queue="random", teacher_bn_group=32,
+        evaluated="student"),
 }
 
 # `synthetic` is ours: the quickstart, under 2 minutes of training on a slow laptop CPU

@@ -161,6 +161,12 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.flatten(0, 1).to(x.dtype)
 
 
+def shuffle_group_size(batch, bn_group):
+    """Images per group of MoCo's shuffled BN: the largest divisor of the batch up to
+    min(bn_group, batch // 2) (equal groups, at least two)."""
+    return max(d for d in range(1, min(bn_group, batch // 2) + 1) if batch % d == 0)
+
+
 class EMATeacher:
     """A copy of the student whose weights follow an exponential moving average of the student's:
     teacher = m * teacher + (1 - m) * student after every step (BYOL's target network, MoCo's key
@@ -196,11 +202,11 @@ class EMATeacher:
 
     @torch.no_grad()
     def __call__(self, views, seed=0):
-        """views -> (embeddings, outputs) as Model.forward; `seed` draws the bn_group order."""
+        """views -> Outputs, as Model.forward's; `seed` draws the bn_group order."""
         batch, V = views[0].shape[0], len(views)
         if not self.bn_group or batch < 2:
             return self.run(views)
-        size = max(d for d in range(1, min(self.bn_group, batch // 2) + 1) if batch % d == 0)
+        size = shuffle_group_size(batch, self.bn_group)
         device = views[0].device  # drawn there: a copy from the host would wait for the GPU
         order = torch.randperm(batch, device=device,  # (B,)
                                generator=torch.Generator(device).manual_seed(seed))

@@ -135,8 +135,9 @@ def parse_args(argv=None):
         help="torch.compile the step (forward, loss, backward, optimizer), the teacher and the "
              "device loader's views (default: on GPU only; the first step then takes about a "
              "minute)")
-    add("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
-        help="--compile's mode: reduce-overhead replays the step as CUDA graphs")
+    add("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+        help="--compile's mode (default: default); reduce-overhead and max-autotune replay the "
+             "step as CUDA graphs (one process only)")
     add("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
         help="DataLoader processes per rank (--loader workers)")
     add("--out-dir", default="out")
@@ -218,7 +219,7 @@ def resolve(args):
         fail("--online-probe is scored at the kNN monitor's points: give --knn-every N too")
     resolve_views(args, method, given)
     resolve_teacher(args, method, given)
-    resolve_speed(args, "cuda" if torch.cuda.is_available() else "cpu")
+    resolve_speed(args, "cuda" if torch.cuda.is_available() else "cpu", given)
     return args
 
 
@@ -264,6 +265,14 @@ def resolve_teacher(args, method, given):
     elif method.queue == "random":
         fail(f"--method {args.method} takes its negatives from a queue: --queue-size must be "
              f"positive")
+    if method.teacher_bn_group:  # groups far below the paper's size normalise with poor statistics
+        batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
+        size = models.shuffle_group_size(batch, method.teacher_bn_group)
+        if batch >= 2 * method.teacher_bn_group and size < method.teacher_bn_group // 2:
+            print(f"warning: the shuffled BatchNorm of --method {args.method} splits each "
+                  f"process's batch of {batch} into groups of {size} images (the largest divisor "
+                  f"up to {method.teacher_bn_group}); a batch with a divisor near it normalises as "
+                  f"the paper does", file=sys.stderr, flush=True)
 
 
 def cpu_has_native_bf16():
@@ -275,7 +284,7 @@ def cpu_has_native_bf16():
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def resolve_speed(args, device_type):
+def resolve_speed(args, device_type, given=()):
     """--amp and --compile left unset follow the device (benchmarks/throughput.py uses the same)."""
     if args.amp is None:
         args.amp = "bf16" if device_type == "cuda" or cpu_has_native_bf16() else "off"
@@ -283,11 +292,23 @@ def resolve_speed(args, device_type):
         fail("--amp fp16 needs a GPU; use --amp bf16 or off on the CPU")
     if args.compile is None:  # 1.6x on an H100 (RESULTS.md); no gain on CPUs, needs a compiler
         args.compile = device_type == "cuda"
+    if "compile_mode" in given and not args.compile:
+        fail(f"--compile-mode {args.compile_mode} is a mode of --compile, which this run has not")
+    args.compile_mode = args.compile_mode or "default"
+    # CUDA graphs of a step with DDP's collectives inside have not run here: one process only
+    if args.compile_mode != "default" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail(f"--compile-mode {args.compile_mode} (CUDA graphs) runs in one process; use "
+             f"--compile-mode default under torchrun")
+
+
+# what a run.pt written before these flags existed ran with
+IMPLIED = {"bias_lr_scale": 0.024, "zero_init_residual": False}
 
 
 def check_same_run(saved, args, path):
     """One clear line naming the first flag that differs from the run being continued."""
     as_saved = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)  # noqa: E731
+    saved = {**IMPLIED, **saved}
     for key, value in vars(args).items():
         if key not in MAY_CHANGE and key in saved and as_saved(saved[key]) != as_saved(value):
             fail(f"{path} is a run with {flag(key)} {shown(saved[key])}, but this command has "
@@ -646,8 +667,8 @@ class OnlineProbe:
     (no gradient reaches the backbone), trained beside the method by its own SGD (lr PROBE_LR,
     momentum 0.9, no weight decay, constant) on features standardised by a BatchNorm without
     affine parameters (MAE's linear probe), so one lr suits any backbone and stage. Rows labelled
-    -1 (unlabelled images) are left out of its loss; under DDP its gradients are averaged over the
-    ranks. Scored at the kNN points on the monitor's test features."""
+    -1 (unlabelled images) are left out of its loss, a mean over the global batch under DDP.
+    Scored at the kNN points on the monitor's test features."""
 
     def __init__(self, feat_dim, num_classes, device, state=None):
         self.norm = nn.BatchNorm1d(feat_dim, affine=False).to(device)
@@ -671,14 +692,15 @@ class OnlineProbe:
         self.norm.train()
         x = torch.cat(feats).detach().float()  # (G B, F)
         y = labels.repeat(len(feats))  # (G B,)
-        labelled = (y >= 0).sum().clamp(min=1)  # the loss: a mean over the labelled rows
-        loss = F.cross_entropy(self(x), y, ignore_index=-1, reduction="sum") / labelled
+        labelled = (y >= 0).sum()  # the loss: a mean over the global batch's labelled rows
+        if dist.is_initialized():
+            dist.all_reduce(labelled)
+        loss = F.cross_entropy(self(x), y, ignore_index=-1, reduction="sum") / labelled.clamp(min=1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if dist.is_initialized():  # the global batch's gradient, as the method's
+        if dist.is_initialized():  # each rank's share of that mean, summed
             for p in (self.weight, self.bias):
                 dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
         self.optimizer.step()
         return loss.detach()
 

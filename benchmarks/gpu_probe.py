@@ -18,8 +18,9 @@ the window's 200-epoch runs go. For one method (CARL by default) at batch 256, 3
     python benchmarks/gpu_probe.py --steps 3 --loop-epochs 1 --batch-size 32 --image-size 16 \\
         --parts bare loop                               # CPU smoke (eager only there)
 
-Each part is bounded by --part-seconds (a part cut short says so) and the whole by --minutes:
-what is left out is named. Prints each measurement as it comes, then the table and one JSON line.
+They run in the order two at once (before this process holds the GPU), loop, bare, syncs, within
+--minutes: what is left out, or fails, is named in one line and the rest goes on. Prints each
+measurement as it comes, then the table and one JSON line.
 """
 import argparse
 import json
@@ -47,7 +48,8 @@ def bare(args, device, steps, profile):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    run = train.build_run(args, device, 1, steps_per_epoch=10 ** 6)
+    args = argparse.Namespace(**{**vars(args), "epochs": 1})  # schedules of a few steps only
+    run = train.build_run(args, device, 1, steps_per_epoch=steps + 10)
     x = [torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
          for _ in range(args.global_crops)]
     now = {name: float(values[0]) for name, values in run.schedules.items()}
@@ -79,7 +81,8 @@ def bare(args, device, steps, profile):
 def loop_flags(opts, method_flags, out):
     return [*method_flags, "--dataset", "synthetic", "--image-size", str(opts.image_size),
             "--batch-size", str(opts.batch_size), "--epochs", str(opts.loop_epochs),
-            "--knn-every", "0", "--log-every", "7", "--ckpt-every-min", "1e9", "--out-dir", out]
+            "--knn-every", "0", "--log-every", "7", "--ckpt-every-min", "1e9",
+            "--ckpt-every-epochs", str(opts.loop_epochs + 1), "--out-dir", out]
 
 
 def log_rate(out, views_per_step):
@@ -106,13 +109,17 @@ def two_at_once(opts, method_flags, mode_flags, views_per_step, mps):
     outs = [tempfile.mkdtemp() for _ in range(2)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        procs = [subprocess.Popen([sys.executable, os.path.join(root, "train.py"),
-                                   *loop_flags(opts, method_flags, out), *mode_flags], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for out in outs]
-        errors = [p.communicate()[1] for p in procs]
-        if any(p.returncode for p in procs):
-            raise RuntimeError(next(e for e in errors if e).strip().splitlines()[-1])
+        procs = []
+        for out in outs:  # their output into files: a full pipe would stall a process
+            with open(os.path.join(out, "stderr"), "w") as err:
+                procs.append(subprocess.Popen(
+                    [sys.executable, os.path.join(root, "train.py"),
+                     *loop_flags(opts, method_flags, out), *mode_flags],
+                    env=env, stdout=subprocess.DEVNULL, stderr=err))
+        for p, out in zip(procs, outs):
+            if p.wait():
+                lines = open(os.path.join(out, "stderr")).read().strip().splitlines()
+                raise RuntimeError(lines[-1] if lines else f"exit status {p.returncode}")
         return sum(log_rate(out, views_per_step) for out in outs)
     finally:
         if mps:
@@ -127,7 +134,8 @@ def syncs(device, opts):
     for method in train.METHODS:
         args = train.parse_args(["--method", method, "--dataset", "cifar10", "--batch-size",
                                  str(opts.batch_size), "--no-compile"])
-        run = train.build_run(args, device, 1, steps_per_epoch=10 ** 6)
+        args.epochs = 1  # schedules of a few steps only
+        run = train.build_run(args, device, 1, steps_per_epoch=10)
         x = [torch.randn(args.batch_size, 3, 32, 32, device=device) for _ in range(2)]
         now = {name: float(values[0]) for name, values in run.schedules.items()}
         train.train_step(run, x, now, 0)
@@ -171,57 +179,64 @@ def main():
     views = args0.global_crops * opts.batch_size
     rows, results = [], {"machine": name, "torch": torch.__version__, "method": opts.method}
 
-    def time_left(what):
-        if time.time() < end:
-            return True
-        print(f"gpu-probe: out of time before {what}", flush=True)
-        return False
+    def part(what, fn):
+        """fn()'s result, or None when out of time or when it failed (said in one line): a
+        failing mode must not cost the window the rest of the table."""
+        if time.time() > end:
+            print(f"gpu-probe: out of time before {what}", flush=True)
+            return None
+        try:
+            return fn()
+        except (Exception, SystemExit) as e:
+            print(f"gpu-probe: {what} failed ({type(e).__name__}: {e})", flush=True)
+            return None
 
-    for label, compile_, mode in modes:
-        if "bare" in opts.parts and time_left(f"the bare step, {label}"):
-            a = argparse.Namespace(**{**vars(args0), "compile": compile_, "compile_mode": mode})
-            rate, comp, peak, busy = bare(a, device, opts.steps, profile=True)
-            busy_text = "" if busy is None else f", GPU busy {100 * busy:.0f}%"
-            print(f"bare step, {label:11s} {rate:9.0f} views/s, compile {comp:.0f} s, peak "
-                  f"{peak:.2f} GiB{busy_text}", flush=True)
-            rows.append((f"bare step, {label}", rate, comp, peak, busy))
-            results[f"bare_{label}"] = rate
-        if "loop" in opts.parts and time_left(f"train.py's loop, {label}"):
+    # two at once first, before this process holds the GPU (an MPS daemon then starts clean), in
+    # the GPU default (--compile); then the single run each way, then the bare step
+    if "two" in opts.parts and cuda:
+        has_mps = shutil.which("nvidia-cuda-mps-control") is not None
+        for mps in ([False, True] if has_mps else [False]):
+            label = f"two at once, compiled{', MPS' if mps else ''}"
+            rate = part(label, lambda: two_at_once(opts, method_flags, ["--compile"], views, mps))
+            if rate is not None:
+                print(f"{label}: {rate:9.0f} views/s together", flush=True)
+                rows.append((label, rate, None, None, None))
+                results[f"two_{'mps' if mps else 'plain'}"] = rate
+        if not has_mps:
+            print("two at once with MPS: no nvidia-cuda-mps-control on this machine", flush=True)
+    for label, compile_, mode in (modes if "loop" in opts.parts else ()):
+        mode_flags = ["--compile", "--compile-mode", mode] if compile_ else ["--no-compile"]
+
+        def one_loop():
             torch._dynamo.reset()
-            mode_flags = ["--compile" if compile_ else "--no-compile", "--compile-mode", mode]
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            rate, seconds = loop(opts, method_flags, mode_flags, views)
+            return loop(opts, method_flags, mode_flags, views)
+
+        got = part(f"train.py's loop, {label}", one_loop)
+        if got is not None:
+            rate, seconds = got
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
             print(f"train.py loop, {label:11s} {rate:9.0f} views/s ({seconds:.0f} s in all)",
                   flush=True)
             rows.append((f"train.py loop, {label}", rate, seconds, peak, None))
             results[f"loop_{label}"] = rate
-    if "two" in opts.parts and cuda:
-        best = max(modes, key=lambda m: results.get(f"loop_{m[0]}", 0))
-        mode_flags = ["--compile" if best[1] else "--no-compile", "--compile-mode", best[2]]
-        has_mps = shutil.which("nvidia-cuda-mps-control") is not None
-        for mps in ([False, True] if has_mps else [False]):
-            label = f"two at once, {best[0]}{', MPS' if mps else ''}"
-            if not time_left(label):
-                break
-            try:
-                rate = two_at_once(opts, method_flags, mode_flags, views, mps)
-            except (RuntimeError, subprocess.CalledProcessError) as e:
-                print(f"{label}: failed ({e})", flush=True)
-                continue
-            print(f"{label}: {rate:9.0f} views/s together", flush=True)
-            rows.append((label, rate, None, None, None))
-            results[f"two_{'mps' if mps else 'plain'}"] = rate
-        if not has_mps:
-            print("two at once with MPS: no nvidia-cuda-mps-control on this machine", flush=True)
-    if "syncs" in opts.parts and cuda and time_left("the sync count"):
-        try:
-            results["syncs"] = syncs(device, opts)
+    for label, compile_, mode in (modes if "bare" in opts.parts else ()):
+        a = argparse.Namespace(**{**vars(args0), "compile": compile_, "compile_mode": mode})
+        got = part(f"the bare step, {label}", lambda: bare(a, device, opts.steps, profile=True))
+        if got is not None:
+            rate, comp, peak, busy = got
+            busy_text = "" if busy is None else f", GPU busy {100 * busy:.0f}%"
+            print(f"bare step, {label:11s} {rate:9.0f} views/s, compile {comp:.0f} s, peak "
+                  f"{peak:.2f} GiB{busy_text}", flush=True)
+            rows.append((f"bare step, {label}", rate, comp, peak, busy))
+            results[f"bare_{label}"] = rate
+    if "syncs" in opts.parts and cuda:
+        counts = part("the sync count", lambda: syncs(device, opts))
+        if counts is not None:
+            results["syncs"] = counts
             print("host-device syncs in 3 eager steps: " + ", ".join(
-                f"{m} {n}" for m, n in results["syncs"].items()), flush=True)
-        except Exception as e:
-            print(f"gpu-probe: the sync count failed ({type(e).__name__}: {e})", flush=True)
+                f"{m} {n}" for m, n in counts.items()), flush=True)
 
     print(f"\n{'measurement':34s} {'views/s':>9s} {'ratio':>6s} {'seconds':>8s} {'GiB':>6s} "
           f"{'GPU busy':>8s}")

@@ -12,6 +12,7 @@ import signal
 import pytest
 import torch
 
+import checkpoints
 import evaluate
 import model as models
 import train
@@ -138,6 +139,10 @@ def test_teacher_backbone_and_bf16(tmp_path):
         sd = load(tmp_path / name)
         assert all(torch.equal(v, ckpt[network][f"backbone.{k}"]) for k, v in sd.items()), name
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path) if "loss" in r)
+    # evaluate.py takes BYOL's online network by default, as its paper evaluates it
+    read = checkpoints.read_backbone(str(tmp_path / "run.pt"))
+    assert read.weights == "student"
+    assert all(torch.equal(v, ckpt["model"][f"backbone.{k}"]) for k, v in read.state.items())
 
 
 def test_teacher_receives_no_gradient_and_follows_the_schedule(monkeypatch):
