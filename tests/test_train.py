@@ -22,6 +22,7 @@ import checkpoints
 import data
 import evaluate
 import model as models
+import monitor
 import train
 
 BASE = ["--dataset", "synthetic", "--train-subset", "120", "--batch-size", "32",
@@ -486,16 +487,16 @@ def test_knn_monitor_logs_every_epoch_and_the_gain(tmp_path, capsys):
     assert f"kNN top-1 (k=200): {knn[0]['knn_top1']:.2f} at epoch 0 (random init) -> " \
            f"{knn[-1]['knn_top1']:.2f} at epoch 3: {gain:+.2f} points" in text
     # the monitor scores what evaluate.py would: its kNN on the same subsets of the final backbone
-    monitor = train.KnnMonitor(train.parse_args(argv), torch.device("cpu"))
+    knn_monitor = monitor.KnnMonitor(train.parse_args(argv), torch.device("cpu"))
     net, _ = models.build_backbone("resnet18", True)
     net.load_state_dict(load(os.path.join(out, "backbone.pt")))
-    assert monitor(net)[0] == pytest.approx(knn[-1]["knn_top1"], abs=0.01)
+    assert knn_monitor(net)[0] == pytest.approx(knn[-1]["knn_top1"], abs=0.01)
 
 
 def test_knn_monitor_subset_must_split_into_classes():
     with pytest.raises(SystemExit,
                        match=r"--knn-test-subset 55 is not a multiple of the 10 classes"):
-        train.KnnMonitor(train.parse_args([*CARL, "--knn-every", "1", "--knn-test-subset", "55"]),
+        monitor.KnnMonitor(train.parse_args([*CARL, "--knn-every", "1", "--knn-test-subset", "55"]),
                          torch.device("cpu"))
 
 
@@ -896,10 +897,10 @@ def test_ema_teacher_is_scored_and_saved_beside_the_student(tmp_path, capsys):
             f"teacher ({gains[0]:+.2f}, {gains[1]:+.2f} since epoch 0), top-5 "
             f"{last['knn_top5']:.2f}, {last['knn_top5_teacher']:.2f}, ") in text
     # the teacher's number is the monitor's kNN of backbone_teacher.pt
-    monitor = train.KnnMonitor(train.parse_args(argv), CPU)
+    knn_monitor = monitor.KnnMonitor(train.parse_args(argv), CPU)
     net, _ = models.build_backbone("resnet18", True)
     net.load_state_dict(load(out / "backbone_teacher.pt"))
-    assert monitor(net)[0] == pytest.approx(last["knn_top1_teacher"], abs=0.01)
+    assert knn_monitor(net)[0] == pytest.approx(last["knn_top1_teacher"], abs=0.01)
 
 
 def test_provenance_in_args_json_the_log_and_run_pt(tmp_path, capsys):
@@ -969,7 +970,7 @@ def test_online_probe_sends_no_gradient_into_the_backbone():
     backbones = []
     for with_probe in (False, True):
         run = train.build_run(args, CPU, 1, steps_per_epoch=3)
-        probe = train.OnlineProbe(512, 10, CPU)
+        probe = monitor.OnlineProbe(512, 10, CPU)
         for step, (views, y) in enumerate(steps):
             now = {k: float(v[step]) for k, v in run.schedules.items()}
             train.train_step(run, views, now, step)
@@ -985,7 +986,7 @@ def test_online_probe_sends_no_gradient_into_the_backbone():
 def test_online_probe_leaves_out_unlabelled_rows():
     """Rows labelled -1 (STL-10's unlabeled images) are not in the loss: its mean is over the
     labelled rows, and a batch without labels changes nothing."""
-    probe = train.OnlineProbe(4, 3, CPU)
+    probe = monitor.OnlineProbe(4, 3, CPU)
     feats = [torch.randn(6, 4), torch.randn(6, 4)]  # two global crops of 6 images
     loss = probe.step(feats, torch.full((6,), -1))
     assert loss.item() == 0 and probe.weight.abs().sum() == 0 and probe.bias.abs().sum() == 0
