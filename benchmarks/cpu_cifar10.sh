@@ -109,8 +109,10 @@ done
 first=1
 # 3. the linear probe of each run (and, once, of the random init); kept in eval.jsonl
 for name in $RUNS; do
-    grep -qs '"protocol": "linear"' "$OUT/$name/eval.jsonl" && { first=0; continue; }
     random=(); [ "$first" = 1 ] && random=(--random-init)
+    # done when its probe is logged (the first run's: with the random init's beside it)
+    want='"protocol": "linear"'; [ "$first" = 1 ] && want='"random_init": true'
+    grep -qs "$want" "$OUT/$name/eval.jsonl" && { first=0; continue; }
     python evaluate.py --ckpt "$OUT/$name/run.pt" "${PROBE[@]}" "${random[@]}" \
         >> "$OUT/$name/eval.out" 2>&1
     first=0
