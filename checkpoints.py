@@ -23,8 +23,7 @@ The layouts read (LAYOUTS; a file's is found from its entries and the prefix of 
                 classifier.* (momentum methods: momentum_backbone.*), "pytorch-lightning_version",
                 "loops", ...; its CIFAR stem pads the 3x3 conv1 by 2 pixels, this project's by 1
   state dict    a torchvision ResNet's own keys, fc or not: backbone.pt, backbone_teacher.pt,
-                backbone_ep*.pt, Barlow
-                Twins' and VICReg's resnet50.pth, DINO's released backbones
+                backbone_ep*.pt, Barlow Twins' and VICReg's resnet50.pth, DINO's released backbones
 Only conv1, bn1 and layer1-4 are kept: heads, projectors, prototypes and fc are dropped. Every file
 is read with torch.load(weights_only=True), allowing only the few objects those files hold besides
 tensors, containers and numbers (SAFE_GLOBALS).
@@ -57,8 +56,9 @@ LAYOUTS = (
     SOLO_LEARN,
     Layout("torchvision ResNet state dict", (None,), ("",), None),
 )
-PREFIXES = ("module.backbone.", "module.base_encoder.", "module.encoder_q.", "backbone.",
-            "encoder.", "module.", "")
+# every layout's prefixes, longest first: "module.backbone." is tried before "module."
+PREFIXES = tuple(sorted(dict.fromkeys(p for layout in LAYOUTS for p in layout.prefixes),
+                        key=len, reverse=True))
 
 
 def _inert(*args, **kwargs):
@@ -73,8 +73,7 @@ SAFE_GLOBALS = [argparse.Namespace, (_inert, "__main__.exclude_bias_and_norm"),
                 (_inert, "main_vicreg.exclude_bias_and_norm")]
 
 # provenance: train.py's record of what made a run.pt (commit, versions, device), else None
-Checkpoint = collections.namedtuple("Checkpoint", "state args epoch weights provenance",
-                                    defaults=(None,))
+Checkpoint = collections.namedtuple("Checkpoint", "state args epoch weights provenance")
 
 
 def fail(msg):
@@ -211,5 +210,5 @@ def read_backbone(path, weights=None, key=None):
               file=sys.stderr, flush=True)
     own = found is not None and found[0] is RUN_PT
     epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None
-    made = ckpt.get("provenance") if own else None  # run.pt files from before it: None
+    made = ckpt.get("provenance") if own else None  # None where a run.pt has no provenance
     return Checkpoint(state, ckpt["args"] if own else {"arch": arch_of(state)}, epoch, what, made)

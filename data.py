@@ -228,17 +228,23 @@ def balanced_subset(labels, per_class, seed=0):
 # ---------------------------------------------------------------- a whole split as one uint8 tensor
 
 def load_images(name, split, data_dir="data", download=False, size=32, max_bytes=None, subset=None,
-                flag=None):
+                flag=None, ds=None):
     """Decode a split once: (images (N, 3, H, W) uint8, labels (N,) int64, -1 for unlabeled).
 
     Images keep their own size when they all share one; otherwise (an ImageFolder tree of mixed
     sizes) each is held as a square around its eval view (augment.stored_square). An ImageFolder
     tree is decoded once and cached (see `_cache_path`). subset: only the class-balanced subset
     `subset_indices(labels, subset, flag)`, chosen before decoding. max_bytes: refuse, before
-    decoding, a split that would not fit."""
-    ds = build_dataset(name, split, None, data_dir, download)
+    decoding, a split that would not fit. ds: the split as build_dataset built it, or a Subset of
+    it (then its images), not built again here."""
+    if ds is None:
+        ds = build_dataset(name, split, None, data_dir, download)
+    keep = None
+    if isinstance(ds, torch.utils.data.Subset):
+        ds, keep = ds.dataset, torch.as_tensor(ds.indices)  # (n,)
     labels = targets(ds)  # (N,)
-    keep = subset_indices(labels, subset, flag) if subset else torch.arange(len(labels))  # (n,)
+    if keep is None:
+        keep = subset_indices(labels, subset, flag) if subset else torch.arange(len(labels))  # (n,)
     if isinstance(ds, Synthetic):
         images = torch.from_numpy(ds.images).permute(0, 3, 1, 2)  # (N, 3, px, px)
     elif isinstance(ds, torchvision.datasets.CIFAR10):  # CIFAR-100 too
@@ -293,6 +299,20 @@ def _cache_path(root, tag):
     name = root.strip("/").replace("/", "_")[-100:]  # file names are limited to 255 bytes
     digest = hashlib.sha1(root.encode()).hexdigest()[:10]
     return os.path.join(cache, f"{name}.{digest}.{tag}.uint8.pt")
+
+
+def write_atomic(path, write):
+    """write(tmp) into a temporary file beside `path`, then rename it to `path`: a crash or a failed
+    write (full disk) never leaves a half-written file there. The temporary file is removed on any
+    error, which is raised again."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C too
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _decode_folder(ds, keep, size, max_bytes):
@@ -359,13 +379,9 @@ def _decode_folder(ds, keep, size, max_bytes):
             pass
     if path is None:
         return images
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        torch.save({"fingerprint": key, "images": images}, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: torch.save({"fingerprint": key, "images": images}, tmp))
     except Exception as e:  # a cache is a convenience (full disk: RuntimeError): go on without it
-        if os.path.exists(tmp):
-            os.remove(tmp)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"warning: could not cache the decoded images at {path}: {reason}", flush=True)
     return images

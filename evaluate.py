@@ -58,8 +58,7 @@ PROGRESS_SECONDS = 20  # at most one progress line this often
 FEATURE_PIXELS = {"cuda": 2 ** 22, "cpu": 2 ** 19}
 
 
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
+fail = checkpoints.fail
 
 
 class Parser(argparse.ArgumentParser):
@@ -103,15 +102,15 @@ def parse_args(argv=None):
                             "the EMA teacher where there is one, as the published CARP evaluates)")
     which.add_argument("--checkpoint-key", default=None,
                        help="read the weights under this top-level entry of the file (e.g. model)")
-    p.add_argument("--protocol", nargs="+", default=["knn", "linear"], help=", ".join(PROTOCOLS))
-    p.add_argument("--dataset", default=None,
+    p.add_argument("--protocol", nargs="+", default=["knn", "linear"], choices=PROTOCOLS)
+    p.add_argument("--dataset", default=None, choices=data.DATASETS,
                    help="evaluate on this dataset (default: the pretraining one)")
     p.add_argument("--data-dir", default=None,
                    help="where the dataset lies (default: the checkpoint's, else data)")
     p.add_argument("--download", action="store_true",
                    help="let torchvision download cifar10/cifar100/stl10")
-    p.add_argument("--arch", default=None,
-                   help=f"{', '.join(models.ARCHS)} (default: the checkpoint's, else resnet18)")
+    p.add_argument("--arch", default=None, choices=models.ARCHS,
+                   help="default: the checkpoint's, else resnet18")
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem (default: the checkpoint's, else read from conv1's "
                         "kernel size)")
@@ -152,19 +151,7 @@ def parse_args(argv=None):
                         "for GPUs: it costs a compile of each of two shapes)")
     p.add_argument("--seed", type=seed_int, default=0,
                    help="random-init weights, training order and linear-aug's views")
-    args = p.parse_args(argv)
-    for protocol in args.protocol:
-        if protocol not in PROTOCOLS:
-            fail(f"unknown --protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    return args
-
-
-def load_weights(path, weights=None, key=None):
-    """(backbone state_dict, stored train args, epochs done, which weights, provenance) from a
-    run.pt (its teacher unless weights="student" or the run had none), a backbone.pt ({"arch"},
-    None, ..., None) or another library's file (checkpoints.read_backbone); one clear error line
-    for anything else."""
-    return checkpoints.read_backbone(path, weights, key)
+    return p.parse_args(argv)
 
 
 def resolve(args, stored, state):
@@ -174,14 +161,12 @@ def resolve(args, stored, state):
     if args.batch_size < 2 and {"semi", "finetune"} & set(args.protocol):
         fail(f"--batch-size {args.batch_size}: semi and finetune train BatchNorm, which needs at "
              f"least 2 images a batch")
+    if args.compile and ("linear-aug" not in args.protocol or args.loader == "workers"):
+        fail("--compile applies only to linear-aug with --loader device")
     args.pretrain_dataset = stored.get("dataset")  # None for a backbone.pt
     args.dataset = args.dataset or stored.get("dataset", "synthetic")
-    if args.dataset not in data.DATASETS:
-        fail(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)}")
     args.data_dir = args.data_dir or stored.get("data_dir", "data")
     args.arch = args.arch or stored.get("arch", "resnet18")
-    if args.arch not in models.ARCHS:
-        fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(models.ARCHS)}")
     if args.cifar_stem is None:
         args.cifar_stem = stored.get("cifar_stem")
     if args.cifar_stem is None and "conv1.weight" in state:
@@ -270,14 +255,14 @@ def semi_subset(ds, labels, fraction, args):
             fail(f"{path} does not fit this train split; delete it to draw the subset again")
         return pos, path
     pos = data.balanced_subset(labels, per_class, seed=args.subset_seed)  # (C * per_class,)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:  # whole or not at all: a cut-short file would be reused as a smaller subset
+
+    def write(tmp):
         with open(tmp, "w") as f:
             f.write("".join(f"{i}\n" for i in full_index[pos].tolist()))
-        os.replace(tmp, path)
+
+    try:  # whole or not at all: a cut-short file would be reused as a smaller subset
+        data.write_atomic(path, write)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         print(f"warning: cannot save the {100 * fraction:g}% label subset to {path} "
               f"({e.strerror or e}); going on with it unsaved", file=sys.stderr, flush=True)
         return pos, None
@@ -285,20 +270,19 @@ def semi_subset(ds, labels, fraction, args):
 
 
 class DeviceBatches:
-    """(view(images[idx]), labels[idx]) for each batch of `order` (default: as stored), images
+    """(view(images[idx]), labels[idx]) for each batch, in the stored order, of images
     (N, 3, H, W) uint8 and labels (N,) on one device; has a len, for progress()."""
 
-    def __init__(self, images, labels, batch_size, view, order=None):
+    def __init__(self, images, labels, batch_size, view):
         self.images, self.labels, self.view = images, labels, view
-        self.order, self.batch_size = order, batch_size
+        self.batch_size = batch_size
 
     def __len__(self):
         return -(-len(self.labels) // self.batch_size)
 
     def __iter__(self):
         for i in range(0, len(self.labels), self.batch_size):
-            idx = (slice(i, i + self.batch_size) if self.order is None
-                   else self.order[i:i + self.batch_size])
+            idx = slice(i, i + self.batch_size)
             yield self.view(self.images[idx]), self.labels[idx]
 
 
@@ -491,14 +475,15 @@ def main(argv=None):
         message = e.line()
         e.__traceback__ = None  # its frames hold the DataLoader iterator: freed, its processes stop
     except KeyboardInterrupt:
-        message = "stopped by Ctrl-C; the results printed above are in eval.jsonl"
+        message = ("stopped by Ctrl-C; the results printed above without a warning are in "
+                   "eval.jsonl; a rerun evaluates every protocol again")
     fail(message)
 
 
 def run(argv=None):
     args = parse_args(argv)
-    state, stored, ckpt_epoch, which, made = load_weights(args.ckpt, args.weights,
-                                                          args.checkpoint_key)
+    state, stored, ckpt_epoch, which, made = checkpoints.read_backbone(args.ckpt, args.weights,
+                                                                       args.checkpoint_key)
     args = resolve(args, stored, state)
     log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.jsonl")
     check_writable(log_path)
@@ -522,10 +507,9 @@ def run(argv=None):
     args.loader = args.loader or data.default_loader(args.dataset, args.image_size)
     if args.loader == "device" and {"knn", "linear", "linear-aug"} & set(args.protocol):
         held = {}  # split -> (images (N, 3, H, W) uint8, labels (N,)) on the device
-        for split, subset in (("train", args.train_subset), ("test", args.test_subset)):
-            images, labels = data.load_images(args.dataset, split, args.data_dir, args.download,
-                                              args.image_size, data.memory_budget(device), subset,
-                                              f"--{split}-subset")
+        for split, ds in (("train", train_set), ("test", test_set)):  # not built again
+            images, labels = data.load_images(args.dataset, split, size=args.image_size,
+                                              max_bytes=data.memory_budget(device), ds=ds)
             held[split] = images.to(device), labels.to(device)
         eval_batch = lambda x: augment.eval_batch(x, args.image_size, args.dataset)  # noqa: E731
         feature_batches = {split: DeviceBatches(*held[split], bs, eval_batch) for split in held}
@@ -543,11 +527,9 @@ def run(argv=None):
         feature_batches = {"train": make_loader(Transformed(train_set, eval_tf), bs, nw, device),
                            "test": test_loader}
         aug_on_device = False
-    label_fractions = []  # (protocol, fraction of the train labels) to fine-tune on
-    if "semi" in args.protocol:
-        label_fractions += [("semi", f) for f in SEMI_FRACTIONS]
-    if "finetune" in args.protocol:
-        label_fractions.append(("finetune", 1.0))
+    if args.compile and not aug_on_device:
+        print("warning: --compile is not used: linear-aug's views are made by PIL in --workers "
+              "processes", file=sys.stderr, flush=True)
     linear_probes = [p for p in ("linear", "linear-aug") if p in args.protocol]
     probe_epochs = (f"linear probes {args.linear_epochs} epochs"
                     f"{' (transfer)' if args.transfer else ''}, "
@@ -599,6 +581,16 @@ def run(argv=None):
             print(f"warning: cannot append to {log_path} ({e.strerror or e}): {name} {row} is not "
                   f"logged", file=sys.stderr, flush=True)
 
+    # (protocol, fraction of the train labels, its images, the subset's index file or None) to
+    # fine-tune on: the same for every backbone
+    label_sets = []
+    if "semi" in args.protocol:
+        for fraction in SEMI_FRACTIONS:
+            keep, subset_file = semi_subset(train_set, train_labels, fraction, args)  # (n,)
+            ft_set = torch.utils.data.Subset(train_set, keep.tolist())
+            label_sets.append(("semi", fraction, ft_set, subset_file))
+    if "finetune" in args.protocol:
+        label_sets.append(("finetune", 1.0, train_set, None))
     backbones = [("trained", state)] + ([("random-init", None)] if args.random_init else [])
     for name, weights in backbones:
         backbone, feat_dim = build_backbone(args, weights, device)
@@ -644,13 +636,8 @@ def run(argv=None):
                    epochs=args.linear_epochs, lr=args.linear_lr, weight_decay=args.weight_decay,
                    batch_size=bs)
 
-        for protocol, fraction in label_fractions:
+        for protocol, fraction, ft_set, subset_file in label_sets:
             t0 = time.time()
-            ft_set, subset_file = train_set, None
-            if fraction < 1:
-                keep, subset_file = semi_subset(
-                    train_set, train_labels, fraction, args)  # (n,) into train_set
-                ft_set = torch.utils.data.Subset(train_set, keep.tolist())
             backbone, feat_dim = build_backbone(args, weights, device)
             torch.manual_seed(args.seed)
             head = nn.Linear(feat_dim, num_classes)

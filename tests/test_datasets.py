@@ -22,7 +22,7 @@ import torchvision
 import data
 import evaluate
 import train
-from test_evaluate import class_tree
+from test_evaluate import image_tree
 
 CIFAR10, CIFAR100, STL10 = (torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR100,
                             torchvision.datasets.STL10)
@@ -352,7 +352,7 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
 
 def test_cache_folder_that_cannot_be_made_is_skipped(tmp_path, monkeypatch, capsys):
     """XDG_CACHE_HOME naming a file (or a read-only home): one warning, the images decoded."""
-    tree = class_tree(tmp_path / "tree", "ab")
+    tree = image_tree(tmp_path / "tree", 8, per_class=2)
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
     for split in ("train", "test"):
@@ -367,7 +367,8 @@ def test_cache_folder_that_cannot_be_made_is_skipped(tmp_path, monkeypatch, caps
 def test_folders_whose_paths_read_alike_keep_their_own_caches(tmp_path, monkeypatch):
     """.../p_q/train and .../p/q/train: each tree's cache survives the other's (read, not
     decoded again)."""
-    trees = [class_tree(tmp_path / "p_q", "ab"), class_tree(tmp_path / "p" / "q", "abc")]
+    trees = [image_tree(tmp_path / "p_q", 8, per_class=2),
+             image_tree(tmp_path / "p" / "q", 8, per_class=2, classes="abc")]
     decoded = [data.load_images("imagefolder", "train", str(tree), size=8)[0] for tree in trees]
     monkeypatch.setattr(data, "load_rgb", lambda path: pytest.fail(f"{path} decoded again"))
     for tree, images in zip(trees, decoded):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import augment
+import checkpoints
 import data
 import evaluate
 import model as models
@@ -23,11 +24,11 @@ import train
 TINY = ["--train-subset", "50", "--test-subset", "50", "--batch-size", "32", "--workers", "0"]
 
 
-def image_tree(root, px, per_class=3):
-    """An ImageFolder tree of random px x px PNGs: train/ and test/, each with classes a and b."""
+def image_tree(root, px, per_class=3, classes="ab"):
+    """An ImageFolder tree of random px x px PNGs: train/ and test/, each with these classes."""
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        for c in ("a", "b"):
+        for c in classes:
             os.makedirs(root / split / c)
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)).save(
@@ -172,7 +173,7 @@ def test_linear_aug_features_in_chunks_match_batch_by_batch(monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
     chunked = evaluate.device_aug_epochs(backbone, images, labels, 32, args, CPU, chunk=96)
-    assert compiled == [{"dynamic": False}]
+    assert len(compiled) == 1
     plain = batch_by_batch(backbone, images, labels, 32, 0, 12)
     for _ in range(2):  # two epochs: batches of 32, 32, 32, 4 from chunks of 96 and 4
         got, want = list(chunked()), list(plain())
@@ -435,7 +436,7 @@ def test_random_init_column(run_dir, capsys):
     assert [r["random_init"] for r in records] == [False, True]
     assert [r[0] for r in results] == ["trained", "random-init"]
     # seed-0 init is the network train.py started from, so after one epoch the weights differ
-    state, *_ = evaluate.load_weights(str(run_dir / "run.pt"))
+    state, *_ = checkpoints.read_backbone(str(run_dir / "run.pt"))
     args = evaluate.resolve(evaluate.parse_args(["--ckpt", "x"]),
                             {"arch": "resnet18", "cifar_stem": True}, state)
     trained, _ = evaluate.build_backbone(args, state, torch.device("cpu"))
@@ -468,8 +469,8 @@ def test_corrupt_checkpoints(tmp_path, run_dir):
 
 
 def test_unknown_protocol(run_dir):
-    message = ("^error: unknown --protocol 'kmeans'; choose from knn, linear, linear-aug, semi, "
-               "finetune$")
+    message = (r"^error: --protocol invalid choice: 'kmeans' \(choose from 'knn', 'linear', "
+               r"'linear-aug', 'semi', 'finetune'\)$")
     with pytest.raises(SystemExit, match=message):
         evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "kmeans"])
 
@@ -502,20 +503,7 @@ def test_missing_transfer_dataset(run_dir, tmp_path):
                        "--data-dir", str(tmp_path)])
 
 
-
 # ---------------------------------------------------------------- faults a newcomer meets
-
-def class_tree(root, classes, per_class=2, px=8):
-    """An ImageFolder tree of random px x px PNGs: train/ and test/, each with these classes."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in classes:
-            os.makedirs(root / split / c)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (px, px, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
-    return root
-
 
 def semi_args(ckpt, dataset):
     return argparse.Namespace(ckpt=str(ckpt), dataset=dataset, train_subset=None, subset_seed=0)
@@ -527,7 +515,7 @@ def test_semi_subset_of_another_tree_is_its_own(tmp_path):
     args = semi_args(tmp_path / "run.pt", "imagefolder")
     picked = {}
     for name, classes in (("treeA", "ab"), ("treeB", "abcd")):
-        tree = class_tree(tmp_path / name, classes)
+        tree = image_tree(tmp_path / name, 8, per_class=2, classes=classes)
         ds = data.build_dataset("imagefolder", "train", None, str(tree))
         labels = data.targets(ds)
         pos, path = evaluate.semi_subset(ds, labels, 0.01, args)
@@ -614,7 +602,7 @@ def test_bad_checkpoint_files_are_one_line(tmp_path, content, match):
     ("knn", "a/0.png", "0"),  # the first train image, read for its size
 ])
 def test_unreadable_image_is_one_line(run_dir, tmp_path, protocol, corrupt, workers):
-    tree = class_tree(tmp_path / "tree", "ab", per_class=3, px=16)
+    tree = image_tree(tmp_path / "tree", 16)
     bad = tree / "train" / corrupt
     for path in [bad] if bad.is_file() else bad.iterdir():
         path.write_bytes(path.read_bytes()[:60])  # truncated mid-file
@@ -647,6 +635,25 @@ def test_one_image_batches_refused_for_fine_tuning(run_dir):
                        "--batch-size", "1"])
 
 
+@pytest.mark.parametrize("flags", [["--protocol", "knn", "linear"],
+                                   ["--protocol", "linear-aug", "--loader", "workers"]])
+def test_compile_refused_where_it_does_nothing(run_dir, flags):
+    with pytest.raises(SystemExit, match=r"^error: --compile applies only to linear-aug with "
+                                         r"--loader device$"):
+        evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--compile", *flags, *TINY])
+
+
+def test_device_loader_builds_each_split_once(run_dir, monkeypatch):
+    """torchvision's datasets check every file's md5 when built: the device loader's held images
+    come from the datasets already built, not from a second build."""
+    built, build = [], data.build_dataset
+    monkeypatch.setattr(data, "build_dataset", lambda name, split, *a, **kw: (
+        built.append(split) or build(name, split, *a, **kw)))
+    evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "--knn-k", "20",
+                   "--loader", "device", *TINY])
+    assert built == ["train", "test"]
+
+
 def test_knn_row_says_the_k_used(run_dir, capsys):
     results = evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn",
                              "--knn-k", "200", "20", *TINY])
@@ -663,7 +670,8 @@ def test_ctrl_c_is_one_line_and_keeps_the_results(run_dir, monkeypatch, capsys):
     log = run_dir / "eval.jsonl"
     before = log.read_text().count("\n") if log.exists() else 0
     with pytest.raises(SystemExit, match=r"^error: stopped by Ctrl-C; the results printed above "
-                                         r"are in eval.jsonl$"):
+                                         r"without a warning are in eval.jsonl; a rerun evaluates "
+                                         r"every protocol again$"):
         evaluate.main(["--ckpt", str(run_dir / "run.pt"), "--protocol", "knn", "linear", *TINY])
     assert "trained knn k=" in capsys.readouterr().out  # kNN came first: printed and logged
     assert log.read_text().count("\n") > before

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import train
+from test_evaluate import image_tree
 from test_train import CARL, assert_same_weights, fingerprint, load, read_log, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,25 +243,14 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- bad data
 
-def image_tree(root, per_class=4, px=16):
-    """An ImageFolder tree: train/ and test/ with `per_class` PNGs in each of 10 classes."""
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "test"):
-        for c in range(10):
-            os.makedirs(root / split / f"c{c}", exist_ok=True)
-            for i in range(per_class):
-                pixels = torch.randint(0, 256, (px, px, 3), generator=g, dtype=torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
-    return root
-
-
+TEN_CLASSES = [f"c{c}" for c in range(10)]
 FOLDER = ["--dataset", "imagefolder", "--image-size", "16", "--batch-size", "8", "--epochs", "2",
           "--workers", "0", "--knn-every", "0", "--log-every", "1"]
 
 
 @pytest.mark.parametrize("loader,workers", [("device", "0"), ("workers", "1")])
 def test_unreadable_image_names_the_file_and_keeps_the_checkpoint(tmp_path, loader, workers):
-    tree = image_tree(tmp_path / "data")
+    tree = image_tree(tmp_path / "data", 16, per_class=4, classes=TEN_CLASSES)
     argv = [*FOLDER, "--data-dir", str(tree), "--loader", loader, "--workers", workers,
             "--out-dir", str(tmp_path / "out")]
     # a good first epoch (and, for the device loader, a decoded cache)
@@ -279,7 +269,7 @@ def test_unreadable_image_names_the_file_and_keeps_the_checkpoint(tmp_path, load
 
 
 def test_changed_data_dir_is_refused(tmp_path):
-    tree = image_tree(tmp_path / "data")
+    tree = image_tree(tmp_path / "data", 16, per_class=4, classes=TEN_CLASSES)
     argv = [*FOLDER, "--data-dir", str(tree), "--out-dir", str(tmp_path / "out")]
     run_main([*argv, "--until-epoch", "1"])
     Image.new("RGB", (16, 16)).save(tree / "train" / "c0" / "extra.png")
