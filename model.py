@@ -202,8 +202,8 @@ class EMATeacher:
 
     @torch.no_grad()
     def __call__(self, views, seed=0):
-        """views -> Outputs, as Model.forward's (without h under bn_group); `seed` draws the bn_group
-        order."""
+        """views -> Outputs, as Model.forward's (without h under bn_group); `seed` draws the
+        bn_group order."""
         batch, V = views[0].shape[0], len(views)
         if not self.bn_group:
             return self.run(views)
