@@ -23,8 +23,8 @@ local crops), made at their own (smaller) size.
 Blur is sized to the image: the kernel is ~10% of the side (odd, >= 3) and sigma is the thesis's
 0.1-2.0 px at 224 px scaled by side / 224, so it takes the same share of a 32 px CIFAR image as of
 an ImageNet crop (unscaled, up to 2 px on a 32 px image would blur 7x harder). At 32 px that all
-but switches blur off, as SimCLR's CIFAR setup does; the issue asks for pipelines sized to the
-images, and the thesis does not say how it sized its blur for CIFAR.
+but switches blur off, as SimCLR's CIFAR setup does; the thesis does not say how it sized its blur
+for CIFAR.
 """
 import math
 
@@ -283,26 +283,6 @@ def grayscale(img):
     return _gray(img).expand_as(img)
 
 
-def _blend(img, other, factor):
-    # factor * img + (1 - factor) * other
-    return torch.lerp(other, img, _per_sample(factor)).clamp(0, 1)
-
-
-def adjust_brightness(img, factor):
-    """TF.adjust_brightness with a (B,) factor."""
-    return (_per_sample(factor) * img).clamp(0, 1)
-
-
-def adjust_contrast(img, factor):
-    """TF.adjust_contrast with a (B,) factor: blend with the mean of the grayscale image."""
-    return _blend(img, _gray(img).mean((1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(img, factor):
-    """TF.adjust_saturation with a (B,) factor: blend with the grayscale image."""
-    return _blend(img, _gray(img), factor)
-
-
 def adjust_hue(img, factor):
     """TF.adjust_hue with a (B,) factor in [-0.5, 0.5]: rotate the hue in HSV space, computed for
     the three channels at once (the fewer ops, the fewer kernel launches on a GPU)."""
@@ -388,8 +368,8 @@ def normalize(img, mean, std):
 
 class BatchView:
     """One view's pipeline for a batch, as pil_view: parameters() turns each sample's
-    uniforms into its random parameters, apply() makes the views from them; sample() draws and
-    turns."""
+    uniforms into its random parameters, apply() makes the views from them; a call does both from
+    one draw of g."""
 
     def __init__(self, size, dataset, *, scale, jitter, jitter_p, gray_p, blur_p, solarize_p):
         self.size, self.scale, self.jitter = size, scale, jitter
@@ -421,10 +401,6 @@ class BatchView:
             solarize=u["solarize"] < self.solarize_p,
         )
 
-    def sample(self, n, height, width, g):
-        """Parameters for n images of height x width, drawn from the generator g."""
-        return self.parameters(draw_uniforms(n, g), height, width)
-
     def apply(self, img, p):
         """img (B, 3, H, W) float in [0, 1] or uint8 -> (B, 3, size, size) float32, normalised."""
         x = resized_crop(to_float(img), p["top"], p["left"], p["height"], p["width"], self.size,
@@ -441,7 +417,7 @@ class BatchView:
         return normalize(x, self.mean, self.std)
 
     def __call__(self, img, g):
-        return self.apply(img, self.sample(img.shape[0], img.shape[2], img.shape[3], g))
+        return self.apply(img, self.parameters(draw_uniforms(img.shape[0], g), *img.shape[-2:]))
 
 
 class BatchViews:
@@ -468,11 +444,6 @@ class BatchViews:
 
     def __call__(self, x, g):
         return self.make_views(x, draw_uniforms(x.shape[0], g, views=len(self.views)))
-
-
-def batch_view(kind, view, size, dataset):
-    """The BatchView of view 0 or 1 of kind "carl", "carp" or "neurips23" (settings from VIEWS)."""
-    return BatchView(size, dataset, **view_settings(kind)[view])
 
 
 def batch_train_view(size, dataset):

@@ -163,8 +163,8 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def shuffle_group_size(batch, bn_group):
     """Images per group of MoCo's shuffled BN: the largest divisor of the batch up to
-    min(bn_group, batch // 2) (equal groups, at least two)."""
-    return max(d for d in range(1, min(bn_group, batch // 2) + 1) if batch % d == 0)
+    min(bn_group, batch // 2) (equal groups, at least two; one group of 1 for a batch of 1)."""
+    return max((d for d in range(1, min(bn_group, batch // 2) + 1) if batch % d == 0), default=1)
 
 
 class EMATeacher:
@@ -184,7 +184,7 @@ class EMATeacher:
     def __init__(self, student, bn_group=None):
         self.net = copy.deepcopy(student).requires_grad_(False)
         self.run, self.bn_group = self.net, bn_group
-        self.group_norms = []
+        self.group_norms, self.generator = [], None
         if bn_group:
             for m in self.net.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -202,24 +202,28 @@ class EMATeacher:
 
     @torch.no_grad()
     def __call__(self, views, seed=0):
-        """views -> Outputs, as Model.forward's; `seed` draws the bn_group order."""
+        """views -> Outputs, as Model.forward's (without h under bn_group); `seed` draws the
+        bn_group order."""
         batch, V = views[0].shape[0], len(views)
-        if not self.bn_group or batch < 2:
+        if not self.bn_group:
             return self.run(views)
         size = shuffle_group_size(batch, self.bn_group)
         device = views[0].device  # drawn there: a copy from the host would wait for the GPU
+        if self.generator is None:  # made once, seeded at every call
+            self.generator = torch.Generator(device)
         order = torch.randperm(batch, device=device,  # (B,)
-                               generator=torch.Generator(device).manual_seed(seed))
+                               generator=self.generator.manual_seed(seed))
         # the rows of torch.cat(views) group by group, a group's images in every view: (G, V, size)
         views_at = batch * torch.arange(V, device=order.device)  # (V,)
         rows = (order.view(-1, 1, size) + views_at[:, None]).flatten()  # (V B,)
         for m in self.group_norms:
             m.groups = batch // size
-        (z,), (out,), (h,) = self.run([torch.cat(views)[rows]])  # (V B, D), (V B, K or D), (V B, F)
+        (z,), (out,), _ = self.run([torch.cat(views)[rows]])  # (V B, D), (V B, K or D)
         for m in self.group_norms:
             m.groups = 1
         undo = rows.argsort()  # (V B,): back to torch.cat(views)'s order
-        return Outputs(*(list(t[undo].chunk(V)) for t in (z, out, h)))
+        # no backbone features h: nothing reads the teacher's
+        return Outputs(*(list(t[undo].chunk(V)) for t in (z, out)))
 
 
 class Queue:

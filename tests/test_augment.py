@@ -58,6 +58,12 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def sample(view, n, g):
+    """A BatchView's parameters for n images of 32 x 32, from one draw of g (as BatchViews
+    draws)."""
+    return view.parameters(augment.draw_uniforms(n, g), 32, 32)
+
+
 def per_sample(fn, img, *params):
     """fn applied to each image of a batch with its own python-number parameters."""
     return torch.stack([fn(img[i], *[p[i].item() for p in params]) for i in range(len(img))])
@@ -84,15 +90,21 @@ def test_resized_crop_and_flip_match_torchvision(img, size):
 
 
 @pytest.mark.parametrize("name,factors", [
-    ("adjust_brightness", [0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
-    ("adjust_contrast", [0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
-    ("adjust_saturation", [0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
-    ("adjust_hue", [-0.5, -0.2, 0.0, 0.05, 0.3, 0.5]),
+    ("brightness", [0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
+    ("contrast", [0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
+    ("saturation", [0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
+    ("hue", [-0.5, -0.2, 0.0, 0.05, 0.3, 0.5]),
 ])
 def test_colour_ops_match_torchvision(img, name, factors):
-    factors = torch.tensor(factors)
-    out = getattr(augment, name)(img, factors)
-    torch.testing.assert_close(out, per_sample(getattr(TF, name), img, factors), atol=1e-5, rtol=0)
+    """Each op of color_jitter alone (the others at their no-change factors) against
+    torchvision's."""
+    factors = {**dict.fromkeys(augment.JITTER_OPS[:3], torch.ones(6)), "hue": torch.zeros(6),
+               name: torch.tensor(factors)}
+    op = augment.JITTER_OPS.index(name)
+    order = torch.tensor([op, *(i for i in range(4) if i != op)]).expand(6, 4)  # (6, 4): op first
+    out = augment.color_jitter(img, **factors, order=order)
+    torch.testing.assert_close(out, per_sample(getattr(TF, "adjust_" + name), img, factors[name]),
+                               atol=1e-5, rtol=0)
 
 
 def test_color_jitter_follows_each_samples_order(img):
@@ -177,8 +189,8 @@ def test_batch_view_applies_its_parameters_as_torchvision_would(kind, view, size
     n = 12
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen(2))
     bv = (augment.batch_train_view(size, "cifar10") if kind == "train"
-          else augment.batch_view(kind, view, size, "cifar10"))
-    p = bv.sample(n, 32, 32, gen(3))
+          else augment.batch_pretrain_views(kind, size, "cifar10").views[view])
+    p = sample(bv, n, gen(3))
     i = torch.arange(n)
     p.update(flip=i % 2 == 0, jitter=i % 3 != 0, gray=i % 4 == 1, blur=i % 2 == 1,
              solarize=i % 3 == 1, sigma=torch.full((n,), bv.sigma[1]))
@@ -247,7 +259,7 @@ def test_crop_fallback_rate_follows_torchvision():
 
 @pytest.mark.parametrize("kind", ["carl", "carp"])
 def test_jitter_factors_follow_colorjitter(kind):
-    p = augment.batch_view(kind, 0, 32, "cifar10").sample(N, 32, 32, gen(6))
+    p = sample(augment.batch_pretrain_views(kind, 32, "cifar10").views[0], N, gen(6))
     jitter = T.ColorJitter(*augment.VIEWS[kind]["jitter"])
     torch.manual_seed(6)
     ref = [jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
@@ -262,7 +274,7 @@ def test_jitter_factors_follow_colorjitter(kind):
 
 
 def test_jitter_order_is_a_uniform_permutation():
-    order = augment.batch_view("carl", 0, 32, "cifar10").sample(N, 32, 32, gen(7))["order"]
+    order = sample(augment.batch_pretrain_views("carl", 32, "cifar10").views[0], N, gen(7))["order"]
     assert (order.sort(1).values == torch.arange(4)).all()
     counts = {}
     for row in order.tolist():
@@ -281,7 +293,7 @@ def test_step_probabilities(kind, view):
     jitter = find(pil, T.ColorJitter)[0][0].p
     gray = [t.p for t in pil.transforms if isinstance(t, T.RandomGrayscale)][0]
     bv = augment.batch_pretrain_views(kind, 32, "cifar10")
-    p = bv.views[view].sample(N, 32, 32, gen(8))
+    p = sample(bv.views[view], N, gen(8))
     for step, expected in [("flip", 0.5), ("jitter", jitter), ("gray", gray), ("blur", blur),
                            ("solarize", solarize[0])]:
         assert p[step].float().mean() == pytest.approx(expected, abs=0.015), step
@@ -327,19 +339,19 @@ def test_batch_views_shape_and_determinism(kind, shape, size):
 
 def test_carp_batch_views_are_asymmetric_and_carl_symmetric():
     carp = augment.batch_pretrain_views("carp", 32, "cifar10")
-    p1, p2 = carp.views[0].sample(N, 32, 32, gen(12)), carp.views[1].sample(N, 32, 32, gen(12))
+    p1, p2 = sample(carp.views[0], N, gen(12)), sample(carp.views[1], N, gen(12))
     assert p1["blur"].all() and not p1["solarize"].any()
     assert 0.05 < p2["blur"].float().mean() < 0.15 and 0.15 < p2["solarize"].float().mean() < 0.25
     # view 2's solarize shows in its output: the same parameters with solarize off give other images
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen(13))
     # no dark images
-    p = {**carp.views[1].sample(16, 32, 32, gen(14)), "jitter": torch.zeros(16, dtype=bool)}
+    p = {**sample(carp.views[1], 16, gen(14)), "jitter": torch.zeros(16, dtype=bool)}
     changed = (carp.views[1].apply(x, p)
                != carp.views[1].apply(x, {**p, "solarize": torch.zeros(16, dtype=bool)}))
     assert torch.equal(changed.flatten(1).any(1), p["solarize"]) and p["solarize"].any()
     carl = augment.batch_pretrain_views("carl", 32, "cifar10")
     assert vars(carl.views[0]) == vars(carl.views[1])  # the same settings
-    q1, q2 = carl.views[0].sample(N, 32, 32, gen(15)), carl.views[1].sample(N, 32, 32, gen(16))
+    q1, q2 = sample(carl.views[0], N, gen(15)), sample(carl.views[1], N, gen(16))
     assert q1["blur"].float().mean() == pytest.approx(q2["blur"].float().mean().item(), abs=0.02)
 
 

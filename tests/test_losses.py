@@ -329,9 +329,9 @@ def test_partition_rejects_non_divisible(k, n_b):
 
 # ---------------------------------------------------------------- CARL / CARP, any number of views
 
-def todays_carp_loss(logits_a, logits_b, lam, partition):
-    """losses.carp_loss as it was written before multi-view (the thesis's two views, no teacher),
-    kept here verbatim in substance: the multi-view function must give exactly this."""
+def two_view_carp_loss(logits_a, logits_b, lam, partition):
+    """The thesis's two-view CARP loss (no teacher) written out: the multi-view function must give
+    exactly this."""
     logits_a, logits_b = logits_a.float(), logits_b.float()
     logp_a, logp_b = logits_a[:, partition].log_softmax(-1), logits_b[:, partition].log_softmax(-1)
     cons = 0.5 * losses.consistency(logp_a, logp_b) + 0.5 * losses.consistency(logp_b, logp_a)
@@ -340,14 +340,15 @@ def todays_carp_loss(logits_a, logits_b, lam, partition):
 
 
 @pytest.mark.parametrize("k,n_b", [(12, 4), (30, 30)])
-def test_two_views_without_teacher_equal_todays_carp_loss(k, n_b):
+def test_two_views_without_teacher_equal_two_view_carp_loss(k, n_b):
     g = torch.Generator().manual_seed(11)
     la, lb = torch.randn(9, k, generator=g) * 2, torch.randn(9, k, generator=g) * 2
     part = losses.random_partition(k, n_b, seed=2, step=3)
-    new, (na, nb) = grads(lambda a, b: losses.assignment_loss([a, b], None, 0.9, part)[0], la, lb)
-    old, (oa, ob) = grads(lambda a, b: todays_carp_loss(a, b, 0.9, part), la, lb)
-    assert new.item() == old.item()  # exactly: the same operations in the same order
-    assert torch.equal(na, oa) and torch.equal(nb, ob)
+    multi, (ma, mb) = grads(lambda a, b: losses.assignment_loss([a, b], None, 0.9, part)[0],
+                            la, lb)
+    two, (ta, tb) = grads(lambda a, b: two_view_carp_loss(a, b, 0.9, part), la, lb)
+    assert multi.item() == two.item()  # exactly: the same operations in the same order
+    assert torch.equal(ma, ta) and torch.equal(mb, tb)
 
 
 def naive_multiview(student, teacher, lam, partition, pooled):

@@ -74,7 +74,7 @@ def test_torchrun_two_processes(ddp_reference):
 # alone: both ranks must stop after the same step (otherwise DDP would hang or fail), rank 0 writing
 # run.pt there, and torchrun restarts them; then the restarted rank 0 is killed and they are
 # restarted again.
-# Three cases cover each value of each axis (and c10d with the shared store, the bug's case).
+# Three cases cover each value of each axis (and c10d with the agent's shared store).
 @pytest.mark.parametrize("rdzv,share_store,knn,sigterm_first", [
     ("standalone", True, True, True), ("c10d", True, False, False),
     ("c10d", False, True, False)],
