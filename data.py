@@ -427,8 +427,9 @@ class Batches:
 
 
 class SeededViews(torch.utils.data.Dataset):
-    """dataset[(epoch, index)] -> views(image `index`) with torch's random draws seeded by
-    (seed, epoch, index): the views do not depend on the worker count or on where a run resumed."""
+    """dataset[(epoch, index)] -> (views(image `index`), its label) with torch's random draws
+    seeded by (seed, epoch, index): the views do not depend on the worker count or on where a run
+    resumed."""
 
     def __init__(self, dataset, views, seed):
         self.dataset, self.views, self.seed = dataset, views, seed
@@ -438,7 +439,7 @@ class SeededViews(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        img, _ = self.dataset[i]
+        img, y = self.dataset[i]
         # torchvision's transforms draw from torch's global RNG
         torch.manual_seed(seed_of(self.seed, epoch, i))
-        return self.views(img)
+        return self.views(img), y

@@ -149,9 +149,9 @@ def no_last(args, dim, feat_dim):  # the loss takes z itself
 
 # Sources pinned in tests/test_train.py::THESIS. All: 200 epochs, batch 256, cosine lr without
 # warm-up (5.8), ResNet-18 + the same projection head (5.8.2). Weight decay 5e-4 for the SGD
-# baselines (the thesis's CIFAR value, 5.8.4; the papers' 1e-6 goes with LARS). BYOL's target
-# momentum 0.99 -> 1 (the paper's 0.996 is ImageNet's) and MoCo's temperature 0.2 follow the
-# project's baseline issue where the thesis is silent or differs.
+# baselines (the thesis's CIFAR value, 5.8.4; the papers' 1e-6 goes with LARS). Where the thesis is
+# silent, this project's choices: BYOL's target momentum 0.99 -> 1 (the paper's 0.996 is its
+# ImageNet value) and MoCo v2's temperature 0.2 (its paper's; its CIFAR-10 demo has 0.1).
 # Under --optimizer lars, biases and BatchNorm skip the trust ratio (BYOL, Barlow Twins), so they
 # take plain SGD steps, far too large at LARS learning rates (CARP at 5.4 collapsed: RESULTS.md,
 # "What was found" 2): they get Barlow Twins' 0.0048 / 0.2 = 0.024 of the weights' lr.
@@ -202,7 +202,13 @@ METHODS = {
         assignment_loss, carl_last, multiview=True, teacher_first=True,
         recipes={"neurips23": neurips23},
         per_dataset={"cifar100": dict(num_prototypes=300), "imagefolder": dict(num_prototypes=3000),
-                     "stl10": dict(num_prototypes=300, lam_start=2.0, lam_end=1.0)}),
+                     "stl10": dict(num_prototypes=300, lam_start=2.0, lam_end=1.0),
+                     # the quickstart: LARS at 9.6 per 256 with wd 1e-6, prototypes started larger
+                     # (gain) so the first steps carry a gradient, lambda starting near 1 (the
+                     # thesis's 4 sent the assignments straight to uniform)
+                     "synthetic": dict(optimizer="lars", lr=9.6, weight_decay=1e-6,
+                                       proto_init_gain=5.0, lam_start=1.5, lam_end=1.0,
+                                       lam_epochs=2)}),
     # Thesis 6.5.4: LARS 5.4 -> 0.00054, wd 1e-6, K 3000 in blocks of 250; lambda 2 -> 0.15 over
     # 30 epochs; BYOL's views.
     "carp": Method(
@@ -210,7 +216,12 @@ METHODS = {
              num_prototypes=3000, block_size=250, lam_start=2.0, lam_end=0.15, lam_epochs=30,
              views="carp"),
         assignment_loss, carp_last, multiview=True, teacher_first=True,
-        recipes={"neurips23": neurips23}),
+        recipes={"neurips23": neurips23},
+        # the quickstart: 5 epochs, K 500 in blocks of 50, lambda starting near 1 (the thesis's 2
+        # sent the assignments straight to uniform)
+        per_dataset={"synthetic": dict(epochs=5, num_prototypes=500, block_size=50,
+                                       proto_init_gain=3.0, lam_start=0.75, lam_end=0.5,
+                                       lam_epochs=5)}),
     # Thesis 5.8.5: SGD without LARS at 0.03, temperature 0.2.
     "simclr": Method(
         dict(BASELINE, optimizer="sgd", lr=0.03, weight_decay=5e-4, temperature=0.2, views="carl"),
@@ -240,24 +251,16 @@ METHODS = {
 }
 
 # `synthetic` is ours: the quickstart, under 2 minutes of training on a slow laptop CPU
-# (RESULTS.md): 20 px images, 2 epochs of 64, LARS at 9.6 per 256 with wd 1e-6 for CARL too,
-# prototypes started larger (gain) so the first steps carry a gradient, lambda starting near 1
-# (the thesis's 4 / 2 sent the assignments straight to uniform).
-SYNTHETIC = {
-    "*": dict(epochs=2, batch_size=64, knn_every=1),
-    "carl": dict(optimizer="lars", lr=9.6, weight_decay=1e-6, proto_init_gain=5.0, lam_start=1.5,
-                 lam_end=1.0, lam_epochs=2),
-    "carp": dict(epochs=5, num_prototypes=500, block_size=50, proto_init_gain=3.0,
-                 lam_start=0.75, lam_end=0.5, lam_epochs=5),
-}
+# (RESULTS.md): 20 px images, 2 epochs of 64 (CARL's and CARP's own settings: their per_dataset).
+SYNTHETIC = dict(epochs=2, batch_size=64, knn_every=1)
 
 
 def defaults(args):
-    """Every unset flag's value for this method, dataset and recipe (later ones win)."""
+    """Every unset flag's value for this method, dataset and recipe: the method's defaults, the
+    synthetic dataset's shared ones, per_dataset, the recipe (later ones win)."""
     method = METHODS[args.method]
-    values = {**method.defaults, **method.per_dataset.get(args.dataset, {})}
-    if args.dataset == "synthetic":
-        values.update({**SYNTHETIC["*"], **SYNTHETIC.get(args.method, {})})
+    values = {**method.defaults, **(SYNTHETIC if args.dataset == "synthetic" else {}),
+              **method.per_dataset.get(args.dataset, {})}
     if args.recipe != "thesis":
         values.update(method.recipes[args.recipe](args))
     return values

@@ -95,7 +95,7 @@ class OnlineProbe:
     def accuracy(self, feats, labels):
         """Top-1 (%) on feats (N, F) with labels (N,)."""
         self.norm.eval()
-        return 100.0 * (self(feats).argmax(1) == labels).float().mean().item()
+        return evaluate.topk_accuracy(self(feats), labels, ks=(1,))[0]
 
     def state_dict(self):
         return {"norm": self.norm.state_dict(), "weight": self.weight.detach(),

@@ -41,8 +41,7 @@ import lars
 import losses
 import model as models
 import monitor
-from methods import METHODS
-import methods
+from methods import METHODS, RECIPE_NOTES, defaults as method_defaults
 
 # flags only some methods take: given to another, they are refused
 _KEYS = [set(m.defaults) for m in METHODS.values()]
@@ -197,7 +196,7 @@ def resolve(args):
     given = {k for k, v in vars(args).items() if v is not None}  # set on the command line
     if args.image_size is None:
         args.image_size = data.IMAGE_SIZE[args.dataset]
-    for key, value in methods.defaults(args).items():
+    for key, value in method_defaults(args).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.cifar_stem is None:
@@ -268,7 +267,8 @@ def resolve_teacher(args, method, given):
     if method.teacher_bn_group:  # groups far below the paper's size normalise with poor statistics
         batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
         size = models.shuffle_group_size(batch, method.teacher_bn_group)
-        if batch >= 2 * method.teacher_bn_group and size < method.teacher_bn_group // 2:
+        small = batch >= 2 * method.teacher_bn_group and size < method.teacher_bn_group // 2
+        if small and os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
             print(f"warning: the shuffled BatchNorm of --method {args.method} splits each "
                   f"process's batch of {batch} into groups of {size} images (the largest divisor "
                   f"up to {method.teacher_bn_group}); a batch with a divisor near it normalises as "
@@ -284,7 +284,7 @@ def cpu_has_native_bf16():
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def resolve_speed(args, device_type, given=()):
+def resolve_speed(args, device_type, given):
     """--amp and --compile left unset follow the device (benchmarks/throughput.py uses the same)."""
     if args.amp is None:
         args.amp = "bf16" if device_type == "cuda" or cpu_has_native_bf16() else "off"
@@ -301,7 +301,7 @@ def resolve_speed(args, device_type, given=()):
              f"--compile-mode default under torchrun")
 
 
-# what a run.pt written before these flags existed ran with
+# values for flags a run.pt may lack
 IMPLIED = {"bias_lr_scale": 0.024, "zero_init_residual": False}
 
 
@@ -353,7 +353,8 @@ def describe_recipe(args):
     if args.recipe == "thesis":
         return None
     values = METHODS[args.method].recipes[args.recipe](args)
-    return f"recipe {args.recipe} ({methods.RECIPE_NOTES[args.recipe]}): " + " ".join(
+    note = RECIPE_NOTES.get(args.recipe)  # a recipe may have none
+    return f"recipe {args.recipe}" + (f" ({note})" if note else "") + ": " + " ".join(
         f"{flag(k)} {shown(v)}"
         + ("" if getattr(args, k) == v else f" (here {shown(getattr(args, k))})")
         for k, v in values.items())
@@ -384,6 +385,11 @@ def momentum_schedule(start, end, epochs, steps_per_epoch):
     """Per-step EMA momentum: BYOL's cosine from start (step 0) to end (the last step)."""
     total = epochs * steps_per_epoch
     return end - (end - start) * (np.cos(np.pi * np.arange(total) / max(1, total - 1)) + 1) / 2
+
+
+def schedule_values(run, step):
+    """`now`: each schedule's value at `step`, as floats."""
+    return {name: float(values[step]) for name, values in run.schedules.items()}
 
 
 def schedules(args, steps_per_epoch):
@@ -478,6 +484,14 @@ def build_run(args, device, world, steps_per_epoch, ckpt=None):
                 torch._dynamo.mark_static_address(buffer)
         lr = float(group["lr"])  # set every step; under --compile a device tensor, filled in place
         group["lr"] = torch.full((), lr, device=device) if args.compile else lr
+    # --compile: what changes every step goes in as device tensors, filled in place each step: new
+    # values, not new graphs; no copy from the host, no sync
+    now_in = step_in = None
+    if args.compile:
+        now_in = {name: torch.zeros((), device=device) for name in sched}  # 0-d each
+        step_in = torch.zeros((), dtype=torch.long, device=device)
+        for t in (*now_in.values(), step_in):  # CUDA graphs read them where they are, uncopied
+            torch._dynamo.mark_static_address(t)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -494,6 +508,7 @@ def build_run(args, device, world, steps_per_epoch, ckpt=None):
     return argparse.Namespace(args=args, method=method, model=model, net=net, teacher=teacher,
                               queue=queue, optimizer=optimizer, scaler=scaler, autocast=autocast,
                               schedules=sched, steps_per_epoch=steps_per_epoch, step=step,
+                              now_in=now_in, step_in=step_in,
                               device=device, rank=dist.get_rank() if world > 1 else 0)
 
 
@@ -530,8 +545,9 @@ def view_pipeline(args, batched):
 
 def pretrain_batches(args, source, batches, rank, device, labels=None):
     """(views, labels) of each step of `batches` (data.Batches), by either loader: the views a list
-    of (local batch, 3, S, S) on `device`; the batch's labels (local batch,) there, taken from
-    `labels` (N,), or None without them."""
+    of (local batch, 3, S, S) on `device`; the batch's labels (local batch,) there (those of
+    `labels` (N,): the device loader indexes it, the workers' dataset gives the same), or None
+    when `labels` is None."""
     if args.loader == "device":
         labels = labels if labels is None else labels.to(device)
         views = view_pipeline(args, batched=True)
@@ -552,9 +568,9 @@ def pretrain_batches(args, source, batches, rank, device, labels=None):
                                          worker_init_fn=ignore_stop_signals)
     stream = iter(loader)
     try:
-        for views, batch in zip(stream, batches):  # batch: the step's [(epoch, index)], in order
+        for views, y in stream:  # y: the batch's labels (B,), pinned with the views
             views = [v.to(device, non_blocking=True) for v in views]
-            yield views, labels if labels is None else labels[[i for _, i in batch]].to(device)
+            yield views, labels if labels is None else y.to(device, non_blocking=True)
         return
     except data.BadImageError as e:  # raised in a worker, its message ends with ours; run.pt intact
         message = e.line()
@@ -583,9 +599,10 @@ def train_step(run, views, now, step):
         lr = now["lr"] * group["lr_scale"]
         group["lr"] = group["lr"].fill_(lr) if a.compile else lr
     now_in, step_in = now, step
-    if a.compile:  # what changes every step goes in as device tensors: new inputs, not new graphs
-        now_in = {k: torch.full((), v, device=run.device) for k, v in now.items()}  # filled there:
-        step_in = torch.full((), step, device=run.device)  # no copy from the host, no sync
+    if a.compile:  # build_run's device tensors, filled in place: new inputs, not new graphs
+        now_in, step_in = run.now_in, run.step_in.fill_(step)
+        for k, v in now.items():
+            now_in[k].fill_(v)
         torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new step
     run.optimizer.zero_grad(set_to_none=True)  # here: torch.compile does not trace it
     loss, stats, push, run.features = run.step(run, views, targets, now_in, step_in,
@@ -655,8 +672,9 @@ class Bookkeeping:
             print(describe_run(args, data_info["num_images"], self.world, device, self.spe),
                   flush=True)
             print(describe_schedules(args), flush=True)
-            if describe_recipe(args):
-                print(describe_recipe(args), flush=True)
+            recipe = describe_recipe(args)
+            if recipe:
+                print(recipe, flush=True)
             if resumed_from:
                 print(f"continuing {resumed_from} at step {self.start} of {self.total} (epoch "
                       f"{self.start // self.spe}, step {self.start % self.spe} of it)", flush=True)
@@ -854,9 +872,13 @@ def find_checkpoint(args, rank, world, control):
     run_path = os.path.join(args.out_dir, "run.pt")
     # The same command continues its own run; --resume only points elsewhere for a first start.
     resume_from = run_path if os.path.exists(run_path) else args.resume
+    if resume_from and not os.path.exists(resume_from):
+        fail(f"--resume: checkpoint {resume_from} does not exist")
     try:
         ckpt = checkpoints.load_checkpoint(resume_from) if resume_from else None
-    except SystemExit as e:  # one line, and what to do about it
+    except SystemExit as e:  # one line, and for the out-dir's own run.pt what to do about it
+        if resume_from != run_path:
+            raise
         fail(f"{str(e.code).removeprefix('error: ')}; move it away to start over, or give another "
              f"--out-dir")
     older = ckpt is not None and ("teacher" not in ckpt
@@ -925,7 +947,7 @@ def pretrain(args, stop_signal):
     with contextlib.closing(pretrain_batches(args, source, batches, rank, device,
                                              None if run.probe is None else labels)) as stream:
         for step, (views, batch_labels) in zip(range(start_step, end_step), stream):
-            now = {name: float(values[step]) for name, values in run.schedules.items()}
+            now = schedule_values(run, step)
             loss, stats = train_step(run, views, now, step)
             if run.probe is not None:  # beside the method's step, on its features, own optimizer
                 stats["probe_loss"] = run.probe.step(run.features, batch_labels)
@@ -977,7 +999,7 @@ def provenance(device, world, code_dir=os.path.dirname(os.path.abspath(__file__)
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
-def knn_gain(records, keys=("knn_top1",)):
+def knn_gain(records, keys):
     """' (+12.30 since epoch 0)' for the newest kNN record (with two keys ' (+12.30, +14.00 ...)',
     each since the first record holding it); ' (random init)' for a fresh run's first."""
     last = records[-1]

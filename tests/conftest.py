@@ -2,6 +2,7 @@
 run by default, as in CI; `python -m pytest -q tests -m "not slow"` leaves them out for a quick
 loop."""
 import os
+import shutil
 import sys
 
 import pytest
@@ -10,6 +11,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# torch.compile's inductor backend on the CPU writes and builds C++
+needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                               reason="inductor on the CPU needs a C++ compiler (g++ or c++)")
 
 
 @pytest.fixture(scope="session", autouse=True)

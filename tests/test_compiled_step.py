@@ -20,6 +20,7 @@ import torch
 import lars
 import losses
 import train
+from conftest import needs_cxx
 from test_methods import BASE, RUNS
 from test_train import CARL, load, read_log, run_main
 
@@ -30,6 +31,16 @@ CONFIGS = {"carl": ["--method", "carl"],
 QUEUE = ["--queue-size", "32"]  # 2 x 8 rows a step: full (SwAV) and wrapped round (MoCo) at step 2
 TOL = dict(rtol=1e-4, atol=1e-5)  # losses and stats; measured: <= 1e-6 apart
 MOVED = 0.1  # state: apart by this much of how far the eager steps moved it; measured: <= 3e-2
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test counts its own graphs from a clean torch._dynamo, and leaves none behind, also
+    when it fails."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
 
 
 def assert_moved_alike(got, ref, start):
@@ -65,7 +76,7 @@ def steps(argv, compile_):
     out, graphs = [], []
     for step in range(STEPS):
         views = [torch.randn(BATCH, 3, s, s, generator=g) for s in sizes]
-        now = {k: float(v[step]) for k, v in run.schedules.items()}
+        now = train.schedule_values(run, step)
         loss, stats = train.train_step(run, views, now, step)
         out.append((loss.detach(), {k: v.detach() for k, v in stats.items()}))
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -90,9 +101,8 @@ def test_compiled_step_matches_eager(name, monkeypatch):
     argv = [*CONFIGS[name], *BASE, "--batch-size", str(BATCH), "--amp", "off"]
     if "--queue-size" in argv:
         argv += QUEUE
-    eager, start, eager_out, _ = steps(argv, False)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    eager, start, eager_out, eager_graphs = steps(argv, False)
+    assert eager_graphs == [0] * STEPS  # nothing compiled: the counts below are the compiled run's
     aot_eager(monkeypatch)
     compiled, compiled_start, compiled_out, graphs = steps(argv, True)
 
@@ -111,7 +121,6 @@ def test_compiled_step_matches_eager(name, monkeypatch):
     assert graphs[1] == graphs[0] and (graphs[2] == graphs[1]) == (name != "swav"), graphs
     breaks = torch._dynamo.utils.counters["graph_break"]
     assert all("backward" in b or "graph_break()" in b for b in breaks), list(breaks)
-    torch._dynamo.reset()
 
 
 def test_compile_mode_and_device_lr(monkeypatch):
@@ -143,19 +152,18 @@ def test_a_compiled_runs_checkpoint_continues_without_compile(monkeypatch, tmp_p
     assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(6))
 
 
+@needs_cxx
 def test_partition_from_a_device_step_under_inductor():
     """CARP's partition, compiled by inductor with the step as a 0-d tensor: the eager one of the
     same (seed, step) for every step, from one graph."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     partition = torch.compile(losses.random_partition)
     for step in (0, 1, 2, 1234567):
         got = partition(120, 30, 7, torch.tensor(step))
         assert torch.equal(got, losses.random_partition(120, 30, 7, step)), step
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    torch._dynamo.reset()
 
 
+@needs_cxx
 def test_lars_with_a_device_lr_under_inductor():
     """LARS (trust-ratio and excluded groups) compiled by inductor, its lr a device tensor filled
     each step: the eager steps with a float lr, no graph break, no new graph for a new lr."""
@@ -169,8 +177,6 @@ def test_lars_with_a_device_lr_under_inductor():
                                              "weight_decay": 0.0}]
         return params, lars.LARS(groups, lr=lr, weight_decay=1e-2, momentum=0.9)
 
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     eager_params, eager = optimizer(0.0)
     params, compiled = optimizer(torch.tensor(0.0))
     step, graphs = torch.compile(compiled.step), []
@@ -188,4 +194,3 @@ def test_lars_with_a_device_lr_under_inductor():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert graphs[1] == graphs[2], graphs  # (the first step made the momentum buffers: its own)
     assert not torch._dynamo.utils.counters["graph_break"]  # the lr is not read on the host
-    torch._dynamo.reset()

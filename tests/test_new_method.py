@@ -46,7 +46,8 @@ def test_a_new_method_is_a_loss_and_one_entry(tmp_path, toy, capsys):
     for name in ("run.pt", "backbone.pt"):
         assert os.path.isfile(os.path.join(out, name))
     results = evaluate.main(["--ckpt", os.path.join(out, "run.pt"), "--protocol", "knn",
-                             "--knn-k", "20", "--workers", "0"])
+                             "--knn-k", "20", "--workers", "0", "--train-subset", "50",
+                             "--test-subset", "50"])
     (name, row, top1, top5), = results
     assert (name, row) == ("trained", "knn k=20") and 0 <= top1 <= 100 and top5 >= top1
     for flag in ("--num-prototypes", "--temperature"):  # not in its defaults: refused for it

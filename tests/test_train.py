@@ -41,7 +41,7 @@ def first_batch(argv):
     run = train.build_run(args, torch.device("cpu"), 1, steps_per_epoch=3)
     batches = data.Batches(len(labels), args.batch_size, 1, 0, args.seed, 0, 1)
     (views, _), = train.pretrain_batches(args, source, batches, 0, torch.device("cpu"))  # step 0
-    return run, views, {k: float(v[0]) for k, v in run.schedules.items()}
+    return run, views, train.schedule_values(run, 0)
 
 
 def run_main(argv):
@@ -455,19 +455,17 @@ def test_startup_line_states_both_schedules(capsys):
 
 
 def test_run_prints_the_schedules_first(tmp_path, capsys):
-    run_main([*CARL, "--epochs", "1", "--out-dir", str(tmp_path / "r")])
+    """The schedule's first value is 0 under a warm-up; the line gives the lr it warms up to."""
+    out = str(tmp_path / "r")
+    run_main([*CARL, "--epochs", "2", "--warmup-epochs", "1", "--until-epoch", "1", "--out-dir",
+              out])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("carl resnet18 on synthetic: 120 images")
-    assert lines[1] == "lr 1.2 -> 0.0012 (cosine, no warm-up), lambda 1.5 -> 1 over 2 epochs"
-    assert lines[2].startswith("ep 0 step 0/3 ")
-
-
-def test_a_warm_up_run_states_its_peak_lr(tmp_path, capsys):
-    """The schedule's first value is 0 under a warm-up; the line gives the lr it warms up to."""
-    run_main([*CARL, "--epochs", "2", "--warmup-epochs", "1", "--until-epoch", "1", "--out-dir",
-              str(tmp_path / "r")])
-    line = capsys.readouterr().out.splitlines()[1]
-    assert line.startswith("lr 1.2 -> 0.0012 (cosine, 1-epoch warm-up)")
+    peak = 9.6 * 32 / 256  # the quickstart's CARL lr per 256 (methods.py) at --batch-size 32
+    assert lines[1] == (f"lr {peak:g} -> {peak * 1e-3:g} (cosine, 1-epoch warm-up), "
+                        f"lambda 1.5 -> 1 over 2 epochs")
+    assert lines[2].startswith("ep 0 step 0/6 ")
+    assert [r["lr"] for r in read_log(out) if "loss" in r][0] == 0  # the warm-up starts at 0
 
 
 # ---------------------------------------------------------------- kNN monitor
@@ -497,7 +495,7 @@ def test_knn_monitor_subset_must_split_into_classes():
     with pytest.raises(SystemExit,
                        match=r"--knn-test-subset 55 is not a multiple of the 10 classes"):
         monitor.KnnMonitor(train.parse_args([*CARL, "--knn-every", "1", "--knn-test-subset", "55"]),
-                         torch.device("cpu"))
+                           torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- the same command continues
@@ -746,6 +744,19 @@ def test_resume_from_missing_checkpoint(tmp_path):
     assert not out.exists()
 
 
+def test_a_bad_resume_file_is_named_without_the_out_dir_advice(tmp_path):
+    """Moving the out-dir's run.pt away is the advice for it alone; a --resume file elsewhere
+    that is missing or unreadable is named as --resume's."""
+    out, empty = tmp_path / "out", tmp_path / "empty.pt"
+    missing = r"^error: --resume: checkpoint .*nope\.pt does not exist$"
+    with pytest.raises(SystemExit, match=missing):
+        run_main([*CARL, "--resume", str(tmp_path / "nope.pt"), "--out-dir", str(out)])
+    empty.write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"empty\.pt: it is empty \(0 bytes\)$"):
+        run_main([*CARL, "--resume", str(empty), "--out-dir", str(out)])
+    assert not out.exists()
+
+
 def test_device_loader_refuses_a_split_that_does_not_fit(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sysconf", lambda name: 1000)  # ~0.5 MB of "free memory"
     with pytest.raises(SystemExit,
@@ -972,7 +983,7 @@ def test_online_probe_sends_no_gradient_into_the_backbone():
         run = train.build_run(args, CPU, 1, steps_per_epoch=3)
         probe = monitor.OnlineProbe(512, 10, CPU)
         for step, (views, y) in enumerate(steps):
-            now = {k: float(v[step]) for k, v in run.schedules.items()}
+            now = train.schedule_values(run, step)
             train.train_step(run, views, now, step)
             if with_probe:
                 probe.step(run.features, y)
@@ -995,19 +1006,19 @@ def test_online_probe_leaves_out_unlabelled_rows():
     assert probe.weight.abs().sum() > 0
 
 
-def test_online_probe_in_a_run(tmp_path, capsys):
+def test_online_probe_in_a_run(tmp_path, carl_run, capsys):
     """--online-probe trains beside the method without changing it: a run ends with the weights of
-    one without it; its top-1 at every kNN point, its loss at every step, its state in run.pt."""
-    run_main([*CARL, *KNN, "--out-dir", str(tmp_path / "without")])
+    one without it (carl_run: nor the kNN monitor); its top-1 at every kNN point, its loss at every
+    step, its state in run.pt."""
     run_main([*CARL, *KNN, "--online-probe", "--out-dir", str(tmp_path / "with")])
-    assert_same_weights(tmp_path / "without" / "run.pt", tmp_path / "with" / "run.pt")
+    without = os.path.join(carl_run, "run.pt")
+    assert_same_weights(without, tmp_path / "with" / "run.pt")
     ckpt = load(tmp_path / "with" / "run.pt")
-    assert ckpt["probe"]["weight"].shape == (10, 512) and load(tmp_path / "without" / "run.pt")[
-        "probe"] is None
+    assert ckpt["probe"]["weight"].shape == (10, 512) and load(without)["probe"] is None
     log = read_log(tmp_path / "with")
     knn = [r for r in log if "knn_top1" in r]
     assert [r["epoch"] for r in knn] == [0, 1, 2] and all(0 <= r["probe_top1"] <= 100 for r in knn)
-    assert knn[0]["probe_top1"] == 10.0  # zero weights: class 0, a tenth of the balanced queries
+    assert knn[0]["probe_top1"] == 10.0  # zero weights: one class, a tenth of the balanced queries
     assert all(math.isfinite(r["probe_loss"]) for r in log if "loss" in r)
     text = capsys.readouterr().out
     assert f"online probe top-1 {knn[-1]['probe_top1']:.2f}, " in text
