@@ -959,13 +959,10 @@ def atomic_save(obj, path):
     """Write to a temporary file (torch.save, or JSON for a .json path), then rename: a crash or a
     failed write (full disk) never leaves a half-written file, and the previous one stays as it
     was."""
-    tmp = f"{path}.tmp"
+    write = write_json if path.endswith(".json") else torch.save
     try:
-        (write_json if path.endswith(".json") else torch.save)(obj, tmp)
-        os.replace(tmp, path)
+        data.write_atomic(path, lambda tmp: write(obj, tmp))
     except Exception as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         kept = "the previous one is intact" if os.path.exists(path) else "there is no earlier one"
         fail(f"could not write {path} ({type(e).__name__}: {e}); {kept}")
 

@@ -1,7 +1,6 @@
 """View pipelines: output shapes, the CARP asymmetry, and blur sized to the image; the batched
 pipelines against torchvision: each op, the random parameters' distributions, determinism."""
 import itertools
-import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import augment
+from conftest import needs_cxx
 
 
 def find(pipeline, cls):
@@ -392,8 +392,7 @@ def test_views_are_one_draw_then_a_pure_function():
     assert torch.equal(a, a2) and torch.equal(b, b2)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on the CPU needs a C++ compiler")
+@needs_cxx
 def test_compiled_views_match_eager():
     """--compile's views (torch.compile of make(), inductor on the CPU here, Triton on a GPU)
     against the eager ones: the same views up to float rounding, CARP's pipeline having every

@@ -145,7 +145,7 @@ def two_real_steps(method, rank):
     for step in range(2):
         # this rank's 8 of the global 16
         views = [torch.randn(8, 3, 8, 8, generator=g) for _ in range(2)]
-        train.train_step(run, views, {k: float(v[step]) for k, v in run.schedules.items()}, step)
+        train.train_step(run, views, train.schedule_values(run, step), step)
     return {"model": run.model.state_dict(),
             "teacher": run.teacher and run.teacher.net.state_dict(),
             "queue": run.queue.state_dict()}
