@@ -50,6 +50,15 @@ def timed(fn, steps, device, warmup=3):
     return (time.perf_counter() - t0) / steps
 
 
+def log_rate(out, views_per_step):
+    """(views/s, first time, last time) between the second loss record of out's log.jsonl and
+    the last (start-up, warm-up and compiling left out); the times in s from the run's start."""
+    log = [r for r in train.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+    first, last = log[1], log[-1]
+    rate = views_per_step * (last["step"] - first["step"]) / (last["time"] - first["time"])
+    return rate, first["time"], last["time"]
+
+
 def loop_rate(flags, loader, steps, batch):
     """views/s of train.main over `steps` steps, from its log's timestamps (the first log interval,
     with start-up and warm-up, left out)."""
@@ -59,15 +68,26 @@ def loop_rate(flags, loader, steps, batch):
         train.main([*flags, "--loader", loader, "--epochs", "1", "--train-subset", str(subset),
                     "--log-every", str(log_every), "--knn-every", "0", "--ckpt-every-min", "1e9",
                     "--out-dir", out])
-        log = [r for r in train.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
-    first, last = log[1], log[-1]
-    views = train.parse_args(flags).global_crops + train.parse_args(flags).local_crops
-    return views * batch * (last["step"] - first["step"]) / (last["time"] - first["time"])
+        args = train.parse_args(flags)
+        return log_rate(out, (args.global_crops + args.local_crops) * batch)[0]
+
+
+def bare_setup(args, device, amp, compile_):
+    """(step, optimizer): one call of step() is train.py's whole step (forward, loss, backward,
+    optimizer) on fixed random views, global and local crops, channels-last as train.py's."""
+    a = argparse.Namespace(**{**vars(args), "amp": amp, "compile": compile_})
+    run = train.build_run(a, device, 1, steps_per_epoch=1)
+    sizes = [args.image_size] * args.global_crops + [args.local_size] * args.local_crops
+    x = [torch.randn(args.batch_size, 3, s, s, device=device)
+         .to(memory_format=torch.channels_last) for s in sizes]
+    now = {name: float(values[0]) for name, values in run.schedules.items()}
+    step = lambda: train.train_step(run, x, now, 0)  # noqa: E731
+    return step, run.optimizer
 
 
 def per_parameter_lars_step(optimizer):
-    """The LARS step as one small-kernel sequence per parameter (what lars.py did before
-    foreach)."""
+    """The LARS step as one small-kernel sequence per parameter (the per-parameter reference the
+    foreach LARS is timed against)."""
     with torch.no_grad():
         for group in optimizer.param_groups:
             for w in group["params"]:
@@ -118,24 +138,14 @@ def main():
                "amp": args.amp}
 
     # (a) the bare step, then what bf16 buys (and --compile, when asked)
-    def bare_setup(amp, compile_):
-        a = argparse.Namespace(**{**vars(args), "amp": amp, "compile": compile_})
-        run = train.build_run(a, device, 1, steps_per_epoch=1)
-        sizes = [args.image_size] * args.global_crops + [args.local_size] * args.local_crops
-        x = [torch.randn(args.batch_size, 3, s, s, device=device)
-             .to(memory_format=torch.channels_last) for s in sizes]
-        now = {name: float(values[0]) for name, values in run.schedules.items()}
-        step = lambda: train.train_step(run, x, now, 0)  # noqa: E731
-        return step, run.optimizer
-
-    step, optimizer = bare_setup(args.amp, args.compile)
+    step, optimizer = bare_setup(args, device, args.amp, args.compile)
     results["bare"] = views / timed(step, opts.steps, device)
     print(f"(a) bare step:            {results['bare']:9.0f} views/s", flush=True)
     variants = [("amp off", "off", args.compile)] if args.amp != "off" else []
     if args.compile:
         variants.append(("not compiled", args.amp, False))
     for name, amp, compile_ in variants:
-        rate = views / timed(bare_setup(amp, compile_)[0], opts.steps, device)
+        rate = views / timed(bare_setup(args, device, amp, compile_)[0], opts.steps, device)
         results[f"bare, {name}"] = rate
         print(f"    bare, {name:16s} {rate:9.0f} views/s: the default is "
               f"{results['bare'] / rate:.2f}x this", flush=True)
